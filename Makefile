@@ -1,0 +1,36 @@
+# `make demo` and `make test` work on a fresh clone: each creates or refreshes .venv first.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.kpnet-installed
+DEMO   := runs/demo
+
+.PHONY: venv test test-slow demo bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml ci/constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c ci/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+demo: $(STAMP)
+	$(VENV)/bin/kpnet prepare-data shapes --out $(DEMO)/shapes
+	$(VENV)/bin/kpnet train recipes/quickstart.yaml --set data.root=$(DEMO)/shapes --out $(DEMO)/train
+	$(VENV)/bin/kpnet eval recipes/quickstart.yaml --set data.root=$(DEMO)/shapes \
+		--checkpoint $(DEMO)/train/last.pt --out $(DEMO)/results.json --min-ap 0.5
+	$(VENV)/bin/kpnet viz $(DEMO)/shapes/val/000000.jpg $(DEMO)/shapes/val/000001.jpg $(DEMO)/shapes/val/000002.jpg \
+		--recipe recipes/quickstart.yaml --checkpoint $(DEMO)/train/last.pt --out $(DEMO)/viz
+
+bench: $(STAMP)
+	$(PY) benchmarks/data_pipeline.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""The papers' analyses beyond AP: false-discovery comparisons and collision statistics."""

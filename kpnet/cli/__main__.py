@@ -1,0 +1,5 @@
+"""`python -m kpnet.cli` runs the command line."""
+
+from kpnet.cli import main
+
+main()

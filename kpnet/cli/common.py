@@ -1,0 +1,97 @@
+"""What every subcommand shares: `--json` / `--debug` options, the output consoles, and
+the one place that turns results and errors into stdout, stderr and exit codes.
+
+Exit codes: 0 success; 1 a check the user asked for failed (e.g. `--min-ap`);
+2 bad input or usage (one line naming the file and the culprit); 3 an internal error
+(a bug: rerun with `--debug` for the traceback); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from kpnet.errors import KpnetError
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print one JSON document on stdout; human output goes to stderr.")
+]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+
+EXIT_OK, EXIT_CHECK, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+@dataclass
+class Output:
+    """Where a command writes: `console` is stdout for humans, or stderr under `--json`."""
+
+    json: bool = False
+    debug: bool = False
+    failed_checks: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.console = Console(stderr=self.json, highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.console.print(*objects, **kwargs)
+
+    def check(self, ok: bool, message: str) -> bool:
+        """Record a user-requested check; a failed one makes the command exit 1 after its output."""
+        if not ok:
+            self.failed_checks.append(message)
+        return ok
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, default=_json_default)
+
+
+def run(json_out: bool, debug: bool, body: Callable[[Output], dict[str, Any] | None]) -> None:
+    """Run a command body, emit its result and exit with the documented code."""
+    out = Output(json=json_out, debug=debug)
+    try:
+        result = body(out)
+    except KpnetError as e:
+        _fail(out, e.line(), e.exit_code, debug)
+    except KeyboardInterrupt:
+        _fail(out, "interrupted", 130, debug)
+    except typer.Exit:
+        raise
+    except Exception as e:  # an unexpected failure is a bug: say so in one line, code 3
+        _fail(out, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
+              EXIT_INTERNAL, debug)
+    if json_out:
+        doc = dict(result or {})
+        doc["checks_failed"] = out.failed_checks
+        sys.stdout.write(dumps(doc) + "\n")
+        sys.stdout.flush()
+    if out.failed_checks:
+        for msg in out.failed_checks:
+            out.err.print(f"check failed: {msg}", markup=False)
+        raise typer.Exit(EXIT_CHECK)
+
+
+def _fail(out: Output, line: str, code: int, debug: bool) -> None:
+    if debug:
+        traceback.print_exc(file=sys.stderr)
+    out.err.print(f"error: {line}", markup=False, soft_wrap=True)
+    if out.json:
+        sys.stdout.write(dumps({"error": line, "exit_code": code}) + "\n")
+        sys.stdout.flush()
+    raise typer.Exit(code)

@@ -1,0 +1,137 @@
+"""`kpnet eval`: score a checkpoint on a split, or an existing results file (--gt/--dets), with COCOeval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
+from kpnet.cli.train import SetOpt
+
+
+def _scales(text: str | None) -> list[float] | None:
+    from kpnet.errors import KpnetError
+
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise KpnetError("--scales", f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise KpnetError("--scales", f"scales must be positive, got {text!r}")
+    return values
+
+
+def stats_table(title: str, stats: dict[str, float]) -> Table:
+    table = Table(title=title)
+    for key in stats:
+        table.add_column(key, justify="right")
+    table.add_row(*(f"{v:.3f}" if v is not None else "-" for v in stats.values()))
+    return table
+
+
+def eval_command(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML of the checkpoint's model.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint to evaluate.")] = None,
+    overrides: SetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="train or val.")] = "val",
+    flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Flip test (default: the recipe's).")] = None,
+    scales: Annotated[str | None, typer.Option("--scales", help="Test scales, e.g. 0.5,0.75,1,1.25,1.5.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write COCO results JSON here (metrics next to it).")] = None,
+    gt: Annotated[Path | None, typer.Option("--gt", help="Score an existing results file: ground-truth COCO JSON.")] = None,
+    dets: Annotated[Path | None, typer.Option("--dets", help="With --gt: COCO results JSON to score.")] = None,
+    min_ap: Annotated[float | None, typer.Option("--min-ap", help="Exit 1 unless bbox AP >= this.")] = None,
+    fd: Annotated[bool, typer.Option("--fd-rates", help="Add false-discovery rates (triplet paper Tables 1, 3).")] = False,
+    plots: Annotated[Path | None, typer.Option("--plots", help="Write precision-recall curves (PNG) into this folder.")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """COCO bbox AP of a checkpoint (RECIPE --checkpoint CKPT) or of a results file (--gt ANN --dets RESULTS)."""
+
+    def body(o: Output) -> dict[str, Any]:
+        from kpnet import evaluation
+        from kpnet.errors import KpnetError
+        from kpnet.io import atomic_write_json
+
+        doc: dict[str, Any] = {}
+        if gt is not None or dets is not None:
+            if gt is None or dets is None:
+                raise KpnetError("--gt/--dets", "give both --gt ANN and --dets RESULTS to score a results file")
+            if recipe is not None or checkpoint is not None:
+                raise KpnetError("--gt/--dets", "scores an existing results file: drop RECIPE and --checkpoint")
+            coco_gt = evaluation.load_gt(gt)
+            coco_dt = evaluation.load_dets(dets, coco_gt)
+            doc.update({"gt": str(gt), "dets": str(dets)})
+            results_path = None
+        else:
+            if recipe is None or checkpoint is None:
+                raise KpnetError("eval", "give RECIPE and --checkpoint CKPT, or --gt ANN --dets RESULTS")
+            coco_gt, results, results_path, info = _predict(o, recipe, checkpoint, overrides, split, flip, scales, out, device)
+            coco_dt = evaluation.load_dets(results, coco_gt, source="predictions")
+            doc.update(info)
+        cocoeval = evaluation.evaluate_bbox(coco_gt, coco_dt)
+        doc["bbox"] = evaluation.stats_dict(cocoeval)
+        o.print(stats_table("COCO bbox", doc["bbox"]))
+        if fd:
+            doc["fd"] = evaluation.fd_rates(coco_gt, coco_dt)
+            o.print(stats_table("false-discovery rates (IoU 0.05:0.05:0.5)", doc["fd"]))
+        if plots is not None:
+            doc["plots"] = [str(p) for p in evaluation.plot_pr_curves(cocoeval, plots)]
+            o.print(f"precision-recall curves: {', '.join(doc['plots'])}")
+        if results_path is not None:
+            metrics_path = results_path.with_name(results_path.stem + ".metrics.json")
+            atomic_write_json(metrics_path, {k: v for k, v in doc.items()}, indent=2)
+            doc["metrics_file"] = str(metrics_path)
+            o.print(f"results: {results_path}\nmetrics: {metrics_path}")
+        if min_ap is not None:
+            o.check(doc["bbox"]["AP"] >= min_ap, f"bbox AP {doc['bbox']['AP']:.4f} < --min-ap {min_ap}")
+        return doc
+
+    run(json_out, debug, body)
+
+
+def _predict(
+    o: Output, recipe_path: Path, checkpoint: Path, overrides: list[str] | None, split: str,
+    flip: bool | None, scales: str | None, out: Path | None, device: str,
+) -> tuple[Any, list[dict[str, Any]], Path, dict[str, Any]]:
+    import dataclasses
+
+    from rich.progress import Progress
+
+    from kpnet.api import load_checkpoint
+    from kpnet.config import load_recipe
+    from kpnet.data.dataset import load_index
+    from kpnet.engine.inference import predict_dataset
+    from kpnet.engine.train import check_classes, data_paths
+    from kpnet.io import atomic_write_json
+
+    r = load_recipe(recipe_path, list(overrides or []))
+    test = r.test
+    if flip is not None:
+        test = dataclasses.replace(test, flip=flip)
+    if (values := _scales(scales)) is not None:
+        test = dataclasses.replace(test, scales=tuple(values))
+    r = dataclasses.replace(r, test=test)
+    ann_file, image_root = data_paths(r, split)
+    index = load_index(ann_file, image_root)
+    check_classes(len(index.cat_ids), r, ann_file)
+    model = load_checkpoint(checkpoint, recipe=r, device=device)
+    with Progress(console=o.err, transient=True) as bar:
+        task = bar.add_task(f"eval {split}", total=len(index.image_ids))
+        results = predict_dataset(model, index, test, r.data.num_workers, on_image=lambda: bar.advance(task))
+    results_path = out or checkpoint.parent / f"results_{split}.json"
+    atomic_write_json(results_path, results)
+    info = {
+        "recipe": str(recipe_path), "checkpoint": str(checkpoint), "split": split, "images": len(index.image_ids),
+        "detections": len(results), "results_file": str(results_path), "flip": test.flip, "scales": list(test.scales),
+    }
+    return index.coco, results, results_path, info
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)

@@ -1,0 +1,76 @@
+"""`kpnet train RECIPE`: train a detector on CPU or CUDA with checkpoints and exact resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
+
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=8 (repeatable).")
+]
+
+
+def train_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")],
+    overrides: SetOpt = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/last.pt where it stopped.")] = False,
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed for weights, sample order and augmentation.")] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Train a recipe; writes last.pt, metrics.jsonl and loss.png into the run directory."""
+
+    def body(o: Output) -> dict[str, Any]:
+        from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        from kpnet.config import load_recipe
+        from kpnet.engine import train as engine
+        from kpnet.errors import KpnetError
+
+        if device not in ("cpu", "cuda"):
+            raise KpnetError("--device", f"expected cpu or cuda, got {device!r}")
+        sets = list(overrides or [])
+        if seed is not None:
+            sets.append(f"train.seed={seed}")
+        r = load_recipe(recipe, sets)
+        run_dir = out or Path("runs") / r.name
+        bar = Progress(
+            TextColumn("[bold]train[/bold] {task.fields[name]}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("it {task.completed}/{task.total}"),
+            TextColumn("{task.fields[rate]:.2f} it/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[losses]}"),
+            console=o.err,
+            transient=False,
+        )
+        task = bar.add_task("train", total=1, name=r.name, rate=0.0, losses="")
+
+        def start(first: int, total: int) -> None:
+            bar.update(task, total=total, completed=first)
+
+        def step(it: int, losses: dict[str, float], rate: float) -> None:
+            text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
+            bar.update(task, completed=it, rate=rate, losses=text)
+
+        with bar:
+            summary = engine.train(r, run_dir, device=device, resume=resume, progress=engine.Progress(start, step))
+        o.print(f"checkpoint: {summary['checkpoint']}  ({summary['iterations']} iterations, {summary['seconds']:.1f} s)")
+        if summary["loss_plot"]:
+            o.print(f"loss curve: {summary['loss_plot']}")
+        return {"recipe": str(recipe), "name": r.name, **summary}
+
+    run(json_out, debug, body)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)

@@ -1,0 +1,261 @@
+"""Recipes: a typed, frozen schema read from YAML with `extends:` and `--set key=value` overrides.
+
+An unknown key is an error naming the file, the key and the closest valid key. Values are
+checked against the field types, so a typo fails at load time rather than mid-training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kpnet.errors import KpnetError
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the COCO-format data lives; paths are relative to `root`."""
+
+    root: str = "data/shapes"
+    train_ann: str = "annotations/instances_train.json"
+    train_images: str = "train"
+    val_ann: str = "annotations/instances_val.json"
+    val_images: str = "val"
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network: a backbone and the family's heads."""
+
+    backbone: str = "resnet18"
+    num_classes: int = 80
+    width: int = 64  # ResNet stem width; 64 is the paper's ResNet-18/101
+    up_channels: tuple[int, ...] = (256, 128, 64)  # the three up-convolution stages (objects as points §4)
+    deformable: bool = True  # 3x3 deformable conv before each up-convolution (objects as points §5)
+    head_conv: int = 64
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Ground-truth rendering (REFERENCE §2)."""
+
+    radius_mode: str = "legacy_bug"  # "legacy_bug" (XZ/DK, published numbers) or "cornernet_fixed" (CN since 3e71377)
+    min_overlap: float = 0.7
+    max_objs: int = 128
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Loss weights (objects as points eq. 4: L = L_k + λsize L_size + λoff L_off)."""
+
+    hm_weight: float = 1.0
+    wh_weight: float = 0.1
+    off_weight: float = 1.0
+    chunk_size: int = 0  # evaluate the loss per chunk of this many images and average (REFERENCE §3.5); 0 = whole batch
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (REFERENCE §5)."""
+
+    scales: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3)
+    border: int = 128  # random crop centres stay this far inside the image, halved for small images (REFERENCE §5)
+    flip: float = 0.5
+    color_jitter: float = 0.4
+    lighting: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule: Adam with step decay by 10 at `lr_steps` (epochs)."""
+
+    input_size: int = 512
+    batch_size: int = 128
+    lr: float = 5e-4
+    epochs: int = 140
+    lr_steps: tuple[int, ...] = (90, 120)
+    warmup_iters: int = 0
+    grad_clip: float = 0.0  # max grad norm; 0 disables
+    amp: bool = True  # automatic mixed precision, used on CUDA only
+    checkpoint_every: int = 500  # iterations
+    log_every: int = 10  # iterations
+    max_iterations: int = 0  # stop early after this many iterations (smoke runs); 0 = the full schedule
+    seed: int = 317
+
+
+@dataclass(frozen=True)
+class TestConfig:
+    """Test-time settings (REFERENCE §4.3, §4.5, §4.6)."""
+
+    k: int = 100
+    flip: bool = False
+    scales: tuple[float, ...] = (1.0,)
+    pad: int = 31  # inputs padded to (h | pad) + 1: 31 for ResNet/DLA, 127 for hourglass
+    nms: str = "none"  # "none" (single scale), "soft_gaussian", "soft_linear"; multi-scale always merges
+    nms_sigma: float = 0.5
+    nms_threshold: float = 0.5
+    max_per_image: int = 100
+    round_decimals: int = 2  # boxes and scores in the COCO json rounded as the reference does (REFERENCE §4.5); -1 keeps all
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A complete, immutable description of a detector: what to build, train and test."""
+
+    name: str = "recipe"
+    family: str = "centernet_points"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    targets: TargetConfig = field(default_factory=TargetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    test: TestConfig = field(default_factory=TestConfig)
+    source: str = ""  # the file it was loaded from (informational)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
+    """Load a recipe YAML (following `extends:`), apply `key=value` overrides, validate, freeze."""
+    path = Path(path)
+    raw = _read_with_extends(path, seen=())
+    if overrides:
+        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+        for key, value in items:
+            _set_dotted(raw, key, value, source="--set")
+    raw.setdefault("source", str(path))
+    return recipe_from_dict(raw, source=str(path))
+
+
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
+    """Build a frozen Recipe from a plain dict (e.g. one stored in a checkpoint), checking every key."""
+    return _build(Recipe, raw, source, prefix="")
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise KpnetError(path, "recipe file not found") from None
+    except OSError as e:
+        raise KpnetError(path, f"cannot read recipe: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise KpnetError(path, f"invalid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise KpnetError(path, "a recipe must be a mapping of keys to values")
+    return data
+
+
+def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in seen:
+        raise KpnetError(path, "recipe `extends:` cycle")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str):
+        raise KpnetError(path, "`extends:` must be a path to another recipe")
+    base = _read_with_extends((path.parent / parent), seen + (resolved,))
+    _deep_merge(base, data)
+    return base
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise KpnetError("--set", f"expected key=value, got {text!r}")
+    try:
+        parsed = yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any, source: str) -> None:
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise KpnetError(source, f"{key}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise KpnetError(source, f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), sorted(valid), n=1, cutoff=0.5)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+            raise KpnetError(source, f"unknown key {prefix}{key}{hint}")
+        kwargs[key] = _coerce(hints[key], value, source, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, source, prefix=f"{key}.")
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, source, key)
+            except KpnetError:
+                continue
+        raise KpnetError(source, f"{key}: {value!r} is not a valid {tp}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        (item_type, *_rest) = typing.get_args(tp)
+        return tuple(_coerce(item_type, v, source, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise KpnetError(source, f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise KpnetError(source, f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise KpnetError(source, f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise KpnetError(source, f"{key}: expected a string, got {value!r}")
+    raise KpnetError(source, f"{key}: unsupported type {tp}")

@@ -1,0 +1,173 @@
+"""COCO-format detection data for training and evaluation.
+
+Annotations are read through `kpnet.data.validate.load_coco_checked` (structural problems stop
+with one line naming the file and the culprit) and indexed by pycocotools. As in all three
+reference codebases, crowd boxes are kept and trained as positives (REFERENCE §2.4); boxes with
+zero or negative width/height are dropped and counted, and boxes reaching outside the image are
+clipped after augmentation, where the targets are rendered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset, Sampler
+
+from kpnet.data.transforms import train_augment
+from kpnet.data.validate import load_coco_checked
+from kpnet.errors import KpnetError
+
+
+@dataclass(frozen=True)
+class CocoIndex:
+    """A validated COCO file: pycocotools index, image ids in file order, contiguous class mapping."""
+
+    ann_file: Path
+    image_root: Path
+    coco: COCO
+    image_ids: list[int]
+    cat_ids: list[int]  # contiguous class c <-> COCO category id cat_ids[c]
+    dropped_boxes: int
+
+    @property
+    def class_names(self) -> list[str]:
+        return [self.coco.cats[c]["name"] for c in self.cat_ids]
+
+    def image_path(self, image_id: int) -> Path:
+        return self.image_root / self.coco.imgs[image_id]["file_name"]
+
+    def boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) x1, y1, x2, y2 boxes and (N,) contiguous classes of one image, degenerate boxes dropped."""
+        label = {c: i for i, c in enumerate(self.cat_ids)}
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        anns.sort(key=lambda a: a["category_id"])
+        if not anns:
+            return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
+        xywh = np.array([a["bbox"] for a in anns], np.float32)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        return boxes, np.array([label[a["category_id"]] for a in anns], np.int64)
+
+
+def load_index(ann_file: str | Path, image_root: str | Path) -> CocoIndex:
+    """Validate and index a COCO annotation file whose images live under `image_root`."""
+    ann_file, image_root = Path(ann_file), Path(image_root)
+    dataset = load_coco_checked(ann_file, image_root)
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    dropped = sum(1 for a in dataset["annotations"] if a["bbox"][2] <= 0 or a["bbox"][3] <= 0)
+    image_ids = [img["id"] for img in dataset["images"]]
+    cat_ids = sorted(c["id"] for c in dataset["categories"])
+    return CocoIndex(ann_file, image_root, coco, image_ids, cat_ids, dropped)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """Read a BGR image, raising KpnetError naming the file when it is missing or cannot be decoded."""
+    data = np.fromfile(str(path), np.uint8) if path.is_file() else None
+    if data is None:
+        raise KpnetError(path, "image file not found")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None:
+        raise KpnetError(path, "cannot decode image (corrupt or not an image)")
+    return image
+
+
+class TrainDataset(Dataset):
+    """Augmented training samples; an index is (image index, epoch) so augmentation is reproducible."""
+
+    def __init__(
+        self,
+        index: CocoIndex,
+        encode: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]],
+        input_size: int,
+        scales: tuple[float, ...],
+        flip: float,
+        color: float,
+        lighting: float,
+        seed: int,
+    ) -> None:
+        self.index = index
+        self.encode = encode
+        self.input_size = input_size
+        self.aug = dict(scales=scales, flip=flip, color=color, lighting=lighting)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.index.image_ids)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        i, epoch = key
+        image_id = self.index.image_ids[i]
+        path = self.index.image_path(image_id)
+        try:
+            image = read_image(path)
+        except KpnetError as e:
+            return {"error": e.line()}
+        boxes, classes = self.index.boxes(image_id)
+        rng = np.random.default_rng([self.seed, epoch, i])
+        inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug)
+        sample = {"image": torch.from_numpy(inp)}
+        sample.update({k: torch.from_numpy(v) for k, v in self.encode(boxes, classes).items()})
+        return sample
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack samples; a sample that failed to load raises its one-line error in the main process."""
+    for s in samples:
+        if "error" in s:
+            raise KpnetError(None, s["error"])
+    return {k: torch.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of (index, epoch) for iterations [start, total): epoch e is a permutation seeded by (seed, e).
+
+    Because the order is a function of the iteration number, `--resume` continues the exact stream.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, start: int, total: int) -> None:
+        if num_samples < batch_size:
+            raise KpnetError(None, f"batch size {batch_size} is larger than the training set ({num_samples} images)")
+        self.n, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.per_epoch = num_samples // batch_size
+        self.start, self.total = start, total
+
+    def __len__(self) -> int:
+        return max(0, self.total - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        order, order_epoch = None, -1
+        for it in range(self.start, self.total):
+            epoch, pos = divmod(it, self.per_epoch)
+            if epoch != order_epoch:
+                order, order_epoch = np.random.default_rng([self.seed, epoch]).permutation(self.n), epoch
+            batch = order[pos * self.batch_size : (pos + 1) * self.batch_size]
+            yield [(int(i), epoch) for i in batch]
+
+
+class TestImages(Dataset):
+    """Un-augmented images for evaluation: each item is the original BGR image and its id."""
+
+    def __init__(self, index: CocoIndex) -> None:
+        self.index = index
+
+    def __len__(self) -> int:
+        return len(self.index.image_ids)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        image_id = self.index.image_ids[i]
+        try:
+            return {"image": read_image(self.index.image_path(image_id)), "image_id": image_id}
+        except KpnetError as e:
+            return {"error": e.line(), "image_id": image_id}
+

@@ -1,0 +1,1 @@
+"""Detector families. Each module provides the network, encode (targets), loss and decode."""

@@ -1,0 +1,68 @@
+"""Checkpoints: plain dicts of tensors and primitives, written atomically, read with weights_only=True."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kpnet import __version__
+from kpnet.config import Recipe, recipe_from_dict
+from kpnet.errors import KpnetError
+from kpnet.io import atomic_torch_save
+
+FORMAT = "kpnet-checkpoint-1"
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, recipe: Recipe, **state: Any) -> Path:
+    """Write model weights, the recipe and any training state (optimizer, iteration, ...) atomically."""
+    doc = {"format": FORMAT, "kpnet_version": __version__, "recipe": recipe.to_dict(), "model": model.state_dict()}
+    doc.update(state)
+    return atomic_torch_save(path, doc)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint dict safely; anything but a kpnet checkpoint of tensors is refused with one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise KpnetError(path, "checkpoint not found")
+    try:
+        doc = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise KpnetError(path, f"refusing to load: the checkpoint holds pickled objects other than tensors ({first[:160]})") from None
+    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise KpnetError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise KpnetError(path, "not a kpnet checkpoint (no kpnet format marker)")
+    return doc
+
+
+def load_weights(model: nn.Module, doc: dict[str, Any], path: str | Path) -> None:
+    """Load a checkpoint's weights into `model`, naming the first mismatch when the architectures differ."""
+    state = doc["model"]
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        stored = doc.get("recipe", {})
+        what = f"family {stored.get('family')!r}, backbone {stored.get('model', {}).get('backbone')!r}"
+        if shapes:
+            k = shapes[0]
+            detail = f"{k} has shape {tuple(state[k].shape)}, the model expects {tuple(own[k].shape)}"
+        elif missing:
+            detail = f"missing {missing[0]} (+{len(missing) - 1} more)"
+        else:
+            detail = f"unexpected {unexpected[0]} (+{len(unexpected) - 1} more)"
+        raise KpnetError(path, f"checkpoint does not match the recipe's architecture (checkpoint: {what}): {detail}")
+    model.load_state_dict(state)
+
+
+def checkpoint_recipe(doc: dict[str, Any], path: str | Path) -> Recipe:
+    """The recipe stored in a checkpoint."""
+    return recipe_from_dict(doc["recipe"], source=str(path))

@@ -1,0 +1,309 @@
+"""COCO bbox scoring, the one place it lives: loading ground truth and results with errors that
+name the culprit, the 12 COCO stats (pycocotools or faster-coco-eval, identical numbers), the
+triplet paper's false-discovery rates (Tables 1 and 3) and precision-recall plots.
+
+Both backends' COCOeval is used as is: its matching (crowd regions, area ranges, ignored
+detections, ties) has subtleties a hand-written matcher gets wrong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import numbers
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from kpnet.errors import KpnetError
+
+Backend = Literal["auto", "pycocotools", "faster"]
+
+BBOX_KEYS: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
+)
+FD_KEYS: tuple[str, ...] = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
+# Triplet paper (CenterNet: Keypoint Triplets) Tables 1/3: IoU 0.05:0.05:0.50, maxDets 100.
+FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
+AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")  # COCOeval's areaRng order
+
+_FIX_HINT = "run `kpnet prepare-data coco --ann FILE --images DIR --fix OUT` to renumber the ids"
+
+
+def _quiet(fn: Any, *args: Any) -> Any:
+    """Call `fn` with pycocotools' progress printing silenced."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args)
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file; KpnetError naming the file when it is missing or malformed."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise KpnetError(path, "no such file") from None
+    except IsADirectoryError:
+        raise KpnetError(path, "is a directory, expected a JSON file") from None
+    except json.JSONDecodeError as e:
+        raise KpnetError(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise KpnetError(path, "not a UTF-8 text file") from None
+
+
+def _is_number(v: Any) -> bool:
+    """A finite real number (numpy scalars included), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (numpy scalars included), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _check_box(source: str | Path, where: str, bbox: Any) -> None:
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise KpnetError(source, f"{where}: 'bbox' must be [x, y, w, h] of 4 finite numbers, got {bbox!r}")
+    if bbox[2] < 0 or bbox[3] < 0:
+        raise KpnetError(source, f"{where}: 'bbox' {bbox!r} has a negative width or height")
+
+
+def validate_gt_dataset(data: Any, source: str | Path) -> None:
+    """Check a COCO ground-truth dict has what COCOeval needs; raise KpnetError naming the culprit."""
+    if not isinstance(data, dict):
+        raise KpnetError(source, f"expected a COCO object with 'images', 'annotations', 'categories', "
+                                 f"got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise KpnetError(source, f"missing or non-list '{key}'")
+    image_ids: set[int] = set()
+    for i, img in enumerate(data["images"]):
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            raise KpnetError(source, f"images[{i}]: missing integer 'id'")
+        image_ids.add(img["id"])
+    cat_ids: set[int] = set()
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise KpnetError(source, f"categories[{i}]: missing integer 'id'")
+        cat_ids.add(cat["id"])
+    ann_ids: set[int] = set()
+    for i, ann in enumerate(data["annotations"]):
+        where = f"annotations[{i}]"
+        if not isinstance(ann, dict):
+            raise KpnetError(source, f"{where}: expected an object, got {type(ann).__name__}")
+        for key in ("id", "image_id", "category_id"):
+            if not _is_int(ann.get(key)):
+                raise KpnetError(source, f"{where}: missing integer '{key}'")
+        where = f"annotation id {ann['id']}"
+        if ann["id"] == 0:
+            raise KpnetError(source, f"{where}: COCOeval uses id 0 to mean 'unmatched', so this object "
+                                     f"can never be matched; {_FIX_HINT}")
+        if ann["id"] in ann_ids:
+            raise KpnetError(source, f"{where}: duplicate annotation id (COCOeval would score one object "
+                                     f"twice); {_FIX_HINT}")
+        ann_ids.add(ann["id"])
+        if ann["image_id"] not in image_ids:
+            raise KpnetError(source, f"{where}: image_id {ann['image_id']} is not in 'images'")
+        if ann["category_id"] not in cat_ids:
+            raise KpnetError(source, f"{where}: category_id {ann['category_id']} is not in 'categories'")
+        _check_box(source, where, ann.get("bbox"))
+        if not _is_number(ann.get("area")):
+            raise KpnetError(source, f"{where}: missing numeric 'area'")
+        if "iscrowd" not in ann or ann["iscrowd"] not in (0, 1):
+            raise KpnetError(source, f"{where}: 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
+
+
+def _coco_from_dict(data: dict[str, Any]) -> COCO:
+    coco = COCO()
+    coco.dataset = data
+    _quiet(coco.createIndex)
+    return coco
+
+
+def load_gt(path: str | Path) -> COCO:
+    """Load COCO ground truth quietly, rejecting what COCOeval would silently mis-score (id 0, duplicates)."""
+    data = read_json(path)
+    validate_gt_dataset(data, path)
+    return _coco_from_dict(data)
+
+
+def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
+    """COCO results (a JSON file or a list of dicts) as a COCO object over `gt`'s images; [] is valid."""
+    if isinstance(dets, (str, Path)):
+        source = source or str(dets)
+        entries = read_json(dets)
+    else:
+        source = source or "detections"
+        entries = dets
+    if not isinstance(entries, list):
+        raise KpnetError(source, f"expected a COCO results list [{{image_id, category_id, bbox, score}}, ...], "
+                                 f"got {type(entries).__name__}")
+    image_ids = set(gt.getImgIds())
+    cat_ids = set(gt.getCatIds())
+    annotations = []
+    for i, d in enumerate(entries):
+        where = f"result [{i}]"
+        if not isinstance(d, dict):
+            raise KpnetError(source, f"{where}: expected an object, got {type(d).__name__}")
+        for key in ("image_id", "category_id"):
+            if not _is_int(d.get(key)):
+                raise KpnetError(source, f"{where}: missing integer '{key}'")
+        if not _is_number(d.get("score")):
+            raise KpnetError(source, f"{where}: missing finite numeric 'score'")
+        _check_box(source, where, d.get("bbox"))
+        if d["image_id"] not in image_ids:
+            raise KpnetError(source, f"{where}: image_id {d['image_id']} is not in the ground truth")
+        if d["category_id"] not in cat_ids:
+            raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
+        x, y, w, h = d["bbox"]
+        annotations.append({"id": i + 1, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
+                            "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
+                            "score": float(d["score"]), "iscrowd": 0})
+    return _coco_from_dict({"images": list(gt.dataset["images"]),
+                            "categories": list(gt.dataset["categories"]),
+                            "annotations": annotations})
+
+
+def _cocoeval_class(backend: Backend) -> Any:
+    if backend not in ("auto", "pycocotools", "faster"):
+        raise KpnetError("--backend", f"unknown COCO eval backend {backend!r} (auto, pycocotools, faster)")
+    if backend in ("auto", "faster"):
+        try:
+            from faster_coco_eval import COCOeval_faster
+        except ImportError:
+            if backend == "faster":
+                raise KpnetError("--backend", "faster-coco-eval is not installed "
+                                              "(pip install faster-coco-eval)") from None
+        else:
+            return COCOeval_faster
+    from pycocotools.cocoeval import COCOeval
+
+    return COCOeval
+
+
+def run_cocoeval(gt: COCO, dt: COCO, backend: Backend = "auto",
+                 iou_thresholds: Sequence[float] | None = None,
+                 max_dets: Sequence[int] | None = None) -> Any:
+    """Run COCOeval (bbox) evaluate + accumulate quietly; the object holds `eval['precision']` [T,R,K,A,M]."""
+    cocoeval = _cocoeval_class(backend)(gt, dt, "bbox")
+    if iou_thresholds is not None:
+        cocoeval.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
+    if max_dets is not None:
+        cocoeval.params.maxDets = list(max_dets)
+    _quiet(cocoeval.evaluate)
+    _quiet(cocoeval.accumulate)
+    return cocoeval
+
+
+def evaluate_bbox(gt: COCO, dt: COCO, backend: Backend = "auto") -> Any:
+    """The standard COCO bbox evaluation, summarised: `.stats` holds the 12 stats; keep it for plots."""
+    cocoeval = run_cocoeval(gt, dt, backend)
+    _quiet(cocoeval.summarize)
+    return cocoeval
+
+
+def stats_dict(cocoeval: Any) -> dict[str, float]:
+    """The 12 COCO stats of a summarised COCOeval under kpnet's stable keys (-1 where undefined)."""
+    return {key: float(v) for key, v in zip(BBOX_KEYS, cocoeval.stats[:12], strict=True)}
+
+
+def bbox_stats(gt: COCO, dt: COCO, backend: Backend = "auto") -> dict[str, float]:
+    """AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl of `dt` against `gt`."""
+    return stats_dict(evaluate_bbox(gt, dt, backend))
+
+
+def _fd(precision: np.ndarray) -> float | None:
+    """1 - mean precision over the valid (> -1) entries; None when no entry is valid."""
+    valid = precision[precision > -1]
+    return float(1.0 - valid.mean()) if valid.size else None
+
+
+def fd_rates(gt: COCO, dt: COCO, backend: Backend = "auto") -> dict[str, float | None]:
+    """False-discovery rates FD = 1 - AP at IoU 0.05:0.05:0.5, maxDets 100 (triplet paper Tables 1, 3).
+
+    FD averages over thresholds, recalls and classes (area all); FD5/FD25/FD50 at IoU 0.05/0.25/0.5;
+    FD_S/M/L over all ten thresholds per COCO area range. None where no entry is defined.
+    """
+    cocoeval = run_cocoeval(gt, dt, backend, FD_IOU_THRESHOLDS, (100,))
+    precision = cocoeval.eval["precision"][..., -1]  # [T, R, K, A] at maxDets 100
+    thresholds = np.asarray(cocoeval.params.iouThrs)
+
+    def at(iou: float) -> int:
+        return int(np.argmin(np.abs(thresholds - iou)))
+
+    return {
+        "FD": _fd(precision[:, :, :, 0]),
+        "FD5": _fd(precision[at(0.05), :, :, 0]),
+        "FD25": _fd(precision[at(0.25), :, :, 0]),
+        "FD50": _fd(precision[at(0.5), :, :, 0]),
+        "FD_S": _fd(precision[:, :, :, 1]),
+        "FD_M": _fd(precision[:, :, :, 2]),
+        "FD_L": _fd(precision[:, :, :, 3]),
+    }
+
+
+def _mean_pr(precision: np.ndarray) -> np.ndarray:
+    """Mean precision over classes (and thresholds) at each recall level, -1 entries excluded."""
+    valid = precision > -1
+    total = np.where(valid, precision, 0.0).sum(axis=tuple(i for i in range(precision.ndim) if i != 1))
+    count = valid.sum(axis=tuple(i for i in range(precision.ndim) if i != 1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def plot_pr_curves(cocoeval: Any, out_dir: str | Path) -> list[Path]:
+    """Write precision-recall curves of an accumulated bbox COCOeval (area all / maxDets 100) as PNG:
+    `pr_by_iou.png` (IoU 0.5, 0.75, mean over 0.5:0.95) and `pr_by_size.png` (all/small/medium/large)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kpnet.io import atomic_savefig
+
+    out_dir = Path(out_dir)
+    precision = np.asarray(cocoeval.eval["precision"])[..., -1]  # [T, R, K, A]
+    recall = np.asarray(cocoeval.params.recThrs)
+    thresholds = np.asarray(cocoeval.params.iouThrs)
+
+    def ap(curve: np.ndarray) -> float:
+        return float(np.nanmean(curve)) if np.isfinite(curve).any() else float("nan")
+
+    written: list[Path] = []
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for iou in (0.5, 0.75):
+        t = np.flatnonzero(np.isclose(thresholds, iou))
+        if t.size:
+            curve = _mean_pr(precision[t[0], :, :, 0][None])
+            ax.plot(recall, curve, label=f"IoU {iou:.2f} (AP {ap(curve):.3f})")
+    curve = _mean_pr(precision[:, :, :, 0])
+    ax.plot(recall, curve, label=f"IoU {thresholds[0]:.2f}:{thresholds[-1]:.2f} mean (AP {ap(curve):.3f})")
+    _style_pr(ax, "Precision-recall by IoU threshold (area all, maxDets 100)")
+    written.append(atomic_savefig(out_dir / "pr_by_iou.png", fig, dpi=100))
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for a, label in enumerate(AREA_LABELS):
+        curve = _mean_pr(precision[:, :, :, a])
+        if np.isfinite(curve).any():
+            ax.plot(recall, curve, label=f"{label} (AP {ap(curve):.3f})")
+    _style_pr(ax, f"Precision-recall by object size (IoU {thresholds[0]:.2f}:{thresholds[-1]:.2f})")
+    written.append(atomic_savefig(out_dir / "pr_by_size.png", fig, dpi=100))
+    plt.close(fig)
+    return written
+
+
+def _style_pr(ax: Any, title: str) -> None:
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)

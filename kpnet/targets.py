@@ -1,0 +1,140 @@
+"""Ground-truth rendering shared by every family (REFERENCE §2): gaussian radius, gaussian splat,
+centre heatmap and the index / offset / size / mask tensors gathered by the losses.
+
+Everything here works in output-grid units on numpy arrays, one image at a time, so it runs
+inside DataLoader workers and is reused by error analysis to build ground-truth heads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+RADIUS_MODES = ("cornernet_fixed", "legacy_bug")
+STRIDE = 4
+
+
+def output_size(input_size: int) -> int:
+    """Side of the stride-4 output grid: 512 -> 128 and 511 -> 128, so the ratio is 128/511 (REFERENCE §2.1)."""
+    return -(-input_size // STRIDE)
+
+
+def gaussian_radius(height: float, width: float, min_overlap: float, mode: str = "cornernet_fixed") -> int:
+    """Corner radius keeping IoU >= min_overlap (CornerNet §3.2; REFERENCE §2.2, both forms).
+
+    `cornernet_fixed` takes the correct root of each of the three quadratics (one corner in, both in,
+    both out) and returns the smallest; `legacy_bug` reproduces the original 2018 code kept by the
+    triplet and objects-as-points implementations, which always yields 4·t·r3 of the correct form.
+    """
+    h, w, t = float(height), float(width), float(min_overlap)
+    if mode == "cornernet_fixed":
+        b1 = h + w
+        c1 = w * h * (1 - t) / (1 + t)
+        r1 = (b1 - math.sqrt(max(b1 * b1 - 4 * c1, 0.0))) / 2
+        b2 = 2 * (h + w)
+        c2 = (1 - t) * w * h
+        r2 = (b2 - math.sqrt(max(b2 * b2 - 16 * c2, 0.0))) / 8
+        a3 = 4 * t
+        b3 = 2 * t * (h + w)
+        c3 = (t - 1) * w * h
+        r3 = (-b3 + math.sqrt(max(b3 * b3 - 4 * a3 * c3, 0.0))) / (2 * a3)
+    elif mode == "legacy_bug":
+        b1 = h + w
+        c1 = w * h * (1 - t) / (1 + t)
+        r1 = (b1 + math.sqrt(max(b1 * b1 - 4 * c1, 0.0))) / 2
+        b2 = 2 * (h + w)
+        c2 = (1 - t) * w * h
+        r2 = (b2 + math.sqrt(max(b2 * b2 - 16 * c2, 0.0))) / 2
+        a3 = 4 * t
+        b3 = 2 * t * (h + w)
+        c3 = (t - 1) * w * h
+        r3 = (-b3 + math.sqrt(max(b3 * b3 - 4 * a3 * c3, 0.0))) / 2
+    else:
+        raise ValueError(f"radius mode must be one of {RADIUS_MODES}, got {mode!r}")
+    return max(0, int(min(r1, r2, r3)))
+
+
+def gaussian_kernel(radius: int, sigma_div: float = 6.0) -> np.ndarray:
+    """(2r+1)² unnormalised gaussian with σ = (2r+1)/sigma_div (REFERENCE §2.3: /6 corners and points, /5 DK centres)."""
+    diameter = 2 * radius + 1
+    sigma = diameter / sigma_div
+    y, x = np.ogrid[-radius : radius + 1, -radius : radius + 1]
+    g = np.exp(-(x * x + y * y) / (2 * sigma * sigma))
+    g[g < np.finfo(g.dtype).eps * g.max()] = 0
+    return g.astype(np.float32)
+
+
+def draw_gaussian(heatmap: np.ndarray, cx: int, cy: int, radius: int, sigma_div: float = 6.0) -> None:
+    """Splat a gaussian peak of value 1 at integer cell (cx, cy), clipped, merged by element-wise max."""
+    kernel = gaussian_kernel(radius, sigma_div)
+    h, w = heatmap.shape
+    left, right = min(cx, radius), min(w - cx, radius + 1)
+    top, bottom = min(cy, radius), min(h - cy, radius + 1)
+    if right <= 0 or bottom <= 0 or left < 0 or top < 0:
+        return
+    region = heatmap[cy - top : cy + bottom, cx - left : cx + right]
+    patch = kernel[radius - top : radius + bottom, radius - left : radius + right]
+    np.maximum(region, patch, out=region)
+
+
+def center_targets(
+    boxes: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    out_hw: tuple[int, int],
+    max_objs: int = 128,
+    radius_mode: str = "legacy_bug",
+    min_overlap: float = 0.7,
+) -> dict[str, np.ndarray]:
+    """Objects-as-points targets (eq. 1-3): centre heatmap, size, offset, flat index and mask.
+
+    `boxes` are (N, 4) x1, y1, x2, y2 in output-grid units. Boxes are clipped to the grid and dropped
+    when empty, as the reference does (REFERENCE §2.1 XZ); at most `max_objs` objects are kept.
+    """
+    out_h, out_w = out_hw
+    hm = np.zeros((num_classes, out_h, out_w), np.float32)
+    wh = np.zeros((max_objs, 2), np.float32)
+    reg = np.zeros((max_objs, 2), np.float32)
+    ind = np.zeros((max_objs,), np.int64)
+    mask = np.zeros((max_objs,), np.float32)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    k = 0
+    for box, cls in zip(boxes, np.asarray(classes).reshape(-1)):
+        if k >= max_objs:
+            break
+        x1, x2 = np.clip(box[[0, 2]], 0, out_w - 1)
+        y1, y2 = np.clip(box[[1, 3]], 0, out_h - 1)
+        bw, bh = float(x2 - x1), float(y2 - y1)
+        if bw <= 0 or bh <= 0:
+            continue
+        radius = gaussian_radius(math.ceil(bh), math.ceil(bw), min_overlap, radius_mode)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        ix, iy = int(cx), int(cy)
+        draw_gaussian(hm[int(cls)], ix, iy, radius)
+        wh[k] = bw, bh
+        reg[k] = cx - ix, cy - iy
+        ind[k] = iy * out_w + ix
+        mask[k] = 1
+        k += 1
+    return {"hm": hm, "wh": wh, "reg": reg, "ind": ind, "reg_mask": mask}
+
+
+def dense_from_centers(values: np.ndarray, ind: np.ndarray, mask: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
+    """Fill every cell with the value of its nearest object centre (the XZ oracle map, REFERENCE §6).
+
+    Used by error analysis so that decoding at any peak reads a ground-truth size or offset.
+    Returns (D, H, W) for `values` of shape (M, D).
+    """
+    out_h, out_w = out_hw
+    d = values.shape[1]
+    valid = mask > 0
+    dense = np.zeros((d, out_h, out_w), np.float32)
+    if not valid.any():
+        return dense
+    seeds = ind[valid]
+    sy, sx = seeds // out_w, seeds % out_w
+    yy, xx = np.mgrid[0:out_h, 0:out_w]
+    dist = (yy[None] - sy[:, None, None]) ** 2 + (xx[None] - sx[:, None, None]) ** 2
+    nearest = dist.argmin(axis=0)
+    return values[valid][nearest].transpose(2, 0, 1).astype(np.float32)
