@@ -57,13 +57,16 @@ def train_command(
 
         def start(first: int, total: int) -> None:
             bar.update(task, total=total, completed=first)
+            bar.start()
 
         def step(it: int, losses: dict[str, float], rate: float) -> None:
             text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
             bar.update(task, completed=it, rate=rate, losses=text)
 
-        with bar:
+        try:
             summary = engine.train(r, run_dir, device=device, resume=resume, progress=engine.Progress(start, step))
+        finally:
+            bar.stop()
         o.print(f"checkpoint: {summary['checkpoint']}  ({summary['iterations']} iterations, {summary['seconds']:.1f} s)")
         if summary["loss_plot"]:
             o.print(f"loss curve: {summary['loss_plot']}")

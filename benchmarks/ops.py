@@ -1,0 +1,157 @@
+"""Pooling and decoding op timings on CPU, single thread (issue 3 acceptance; README "Kernels").
+
+Prints, per corner-pool direction and shape, forward and forward+backward times of the PyTorch
+reference (torch.cummax), the emulator-compiled CUDA kernel (g++), a naive per-row loop and the
+log-step form, next to the memory-bandwidth floor (copy_ into a preallocated tensor) and the ratio
+to it; then per-image peaks + corner grouping (K=100 and K=70, 80 classes, 128×128) for the fused
+ops against a straightforward K×K tensor decode, and the triplet decode against plain grouping.
+Run: .venv/bin/python benchmarks/ops.py [--quick]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks
+from kpnet.ops.pooling import _SCAN, running_max_logstep
+
+SHAPES = [(1, 128, 128, 128), (2, 256, 128, 128), (8, 128, 64, 64)]
+
+
+def timed(fn, repeat: int) -> float:
+    """Median wall time of fn() in milliseconds after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def naive_rows(x: torch.Tensor, direction: str) -> torch.Tensor:
+    """The per-line loop of the original C++ extension (REFERENCE §8), one torch.maximum per row or column."""
+    dim, reverse = _SCAN[direction]
+    n = x.shape[dim]
+    order = range(n - 1, -1, -1) if reverse else range(n)
+    lines, prev = [None] * n, None
+    for i in order:
+        cur = x.select(dim, i)
+        prev = cur if prev is None else torch.maximum(cur, prev)
+        lines[i] = prev
+    return torch.stack(lines, dim)
+
+
+def pool_impls(direction: str) -> dict:
+    dim, reverse = _SCAN[direction]
+
+    def with_backend(backend):
+        def run(x):
+            os.environ["KPNET_KERNELS"] = backend
+            return corner_pool(x, direction)
+        return run
+
+    return {
+        "reference": with_backend("torch"),
+        "emulator": with_backend("emulate"),
+        "naive rows": lambda x: naive_rows(x, direction),
+        "log-step": lambda x: running_max_logstep(x, dim, reverse),
+    }
+
+
+def bench_pooling(repeat: int, shapes: list) -> None:
+    print("corner pooling, single thread, milliseconds (× copy floor)")
+    for shape in shapes:
+        x = torch.randn(shape)
+        buf = torch.empty_like(x)
+        floor = timed(lambda: buf.copy_(x), repeat * 3)
+        print(f"\nshape {shape}: copy floor {floor:.2f} ms")
+        print(f"  {'direction':<9} {'impl':<11} {'forward':>18} {'forward+backward':>20}")
+        for direction in DIRECTIONS:
+            for name, fn in pool_impls(direction).items():
+                fwd = timed(lambda: fn(x), repeat)
+                xg = x.clone().requires_grad_()
+                grad = torch.ones_like(x)
+
+                def fwd_bwd():
+                    xg.grad = None
+                    fn(xg).backward(grad)
+
+                fb = timed(fwd_bwd, repeat)
+                print(f"  {direction:<9} {name:<11} {fwd:9.2f} ({fwd / floor:5.1f}×) {fb:11.2f} ({fb / floor:5.1f}×)")
+    os.environ.pop("KPNET_KERNELS", None)
+
+
+def straightforward_decode(tl_heat, br_heat, tl_embed, br_embed, k, ae_threshold=0.5, num_dets=1000):
+    """CornerNet's decode written directly as K×K tensors (REFERENCE §4.1): the baseline for the fused ops."""
+    b, c, h, w = tl_heat.shape
+
+    def peaks(heat):
+        keep = (F.max_pool2d(heat, 3, stride=1, padding=1) == heat).float()
+        scores, idx = (heat * keep).view(b, -1).topk(k)
+        return scores, idx // (h * w), (idx % (h * w)) // w, idx % w, idx % (h * w)
+
+    tl_s, tl_c, tl_y, tl_x, tl_i = peaks(tl_heat)
+    br_s, br_c, br_y, br_x, br_i = peaks(br_heat)
+    tl_e = tl_embed.view(b, -1).gather(1, tl_i).view(b, k, 1).expand(b, k, k)
+    br_e = br_embed.view(b, -1).gather(1, br_i).view(b, 1, k).expand(b, k, k)
+    scores = (tl_s.view(b, k, 1).expand(b, k, k) + br_s.view(b, 1, k).expand(b, k, k)) / 2
+    reject = (tl_c.view(b, k, 1) != br_c.view(b, 1, k)) | ((tl_e - br_e).abs() > ae_threshold)
+    reject = reject | (br_x.view(b, 1, k) < tl_x.view(b, k, 1)) | (br_y.view(b, 1, k) < tl_y.view(b, k, 1))
+    scores = scores.masked_fill(reject, -1)
+    top, inds = scores.view(b, -1).topk(min(num_dets, k * k))
+    boxes = torch.stack([tl_x.float().view(b, k, 1).expand(b, k, k), tl_y.float().view(b, k, 1).expand(b, k, k),
+                         br_x.float().view(b, 1, k).expand(b, k, k), br_y.float().view(b, 1, k).expand(b, k, k)], -1)
+    return boxes.view(b, -1, 4).gather(1, inds.unsqueeze(-1).expand(b, inds.shape[1], 4)), top
+
+
+def fused_decode(tl_heat, br_heat, tl_embed, br_embed, k, ct_heat=None):
+    """Peaks by kernel, then every pair in one pass (kpnet.ops); with ct_heat, the triplet centre check too."""
+    tl = heatmap_peaks(tl_heat, k)
+    br = heatmap_peaks(br_heat, k)
+    w = tl_heat.shape[3]
+    tl_e = tl_embed.view(1, -1).gather(1, tl[2] * w + tl[3])
+    br_e = br_embed.view(1, -1).gather(1, br[2] * w + br[3])
+    args = (tl[0], tl[1], tl[3].float(), tl[2].float(), br[0], br[1], br[3].float(), br[2].float())
+    if ct_heat is None:
+        return group_corners(*args, tl_embed=tl_e, br_embed=br_e)
+    ct = heatmap_peaks(ct_heat, k)
+    return group_corners(*args, mode="triplet", tl_embed=tl_e, br_embed=br_e, ct_scores=ct[0], ct_classes=ct[1],
+                         ct_xs=ct[3].float(), ct_ys=ct[2].float())
+
+
+def bench_decoding(repeat: int) -> None:
+    print("\ndecoding per image, 80 classes, 128×128, single thread, milliseconds")
+    g = torch.Generator().manual_seed(0)
+    heats = [torch.rand(1, 80, 128, 128, generator=g) ** 4 for _ in range(3)]  # sigmoided-like, mostly low
+    tl_embed, br_embed = torch.rand(1, 1, 128, 128, generator=g), torch.rand(1, 1, 128, 128, generator=g)
+    for k in (100, 70):
+        base = timed(lambda: straightforward_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
+        os.environ["KPNET_KERNELS"] = "emulate"
+        fused = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
+        triplet = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k, heats[2]), repeat)
+        os.environ["KPNET_KERNELS"] = "torch"
+        ref = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
+        os.environ.pop("KPNET_KERNELS", None)
+        print(f"  K={k}: straightforward K×K {base:.2f}; kpnet reference {ref:.2f}; fused (emulator) {fused:.2f} "
+              f"-> {base / fused:.1f}× faster; triplet decode with centre check (3 heatmaps) {triplet:.2f} "
+              f"= {triplet / fused:.2f}× plain grouping")
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    quick = "--quick" in sys.argv
+    repeat = 3 if quick else 5
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    bench_pooling(repeat, SHAPES[:1] if quick else SHAPES)
+    bench_decoding(repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""`kpnet info`: which backend each op uses on this machine, and why (kpnet/cuda/dispatch.py)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import typer
+from rich.table import Table
+
+from kpnet import __version__
+from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
+from kpnet.cuda import dispatch, emulator
+
+OPS = ("corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge")
+
+
+def _body(out: Output) -> dict[str, Any]:
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    rows = []
+    for device in devices:
+        choice = dispatch.choose(device)
+        rows += [{"op": op, "device": device.type, "backend": choice.backend, "reason": choice.reason} for op in OPS]
+    cupy_ok, cupy_why = dispatch.cupy_status()
+    emu_ok, emu_why = dispatch.emulator_status()
+    table = Table(title=f"kpnet {__version__} kernels ({dispatch.KERNELS_ENV}={dispatch.mode()})")
+    for col in ("op", "device", "backend", "reason"):
+        table.add_column(col)
+    for row in rows:
+        table.add_row(row["op"], row["device"], row["backend"], row["reason"])
+    out.print(table)
+    out.print(f"CuPy: {cupy_why}")
+    out.print(f"emulator: {emu_why}; cache {emulator.cache_dir()}")
+    out.print("float16/bfloat16 pooling and float32 decoding have kernels; other dtypes use the PyTorch reference.")
+    return {
+        "kernels_env": dispatch.mode(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cupy": {"usable": cupy_ok, "reason": cupy_why},
+        "emulator": {"usable": emu_ok, "reason": emu_why, "cache_dir": str(emulator.cache_dir())},
+        "ops": rows,
+    }
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("info")
+    def info(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+        """Show which backend (CuPy kernels, g++ emulator, PyTorch reference) each op uses, and why."""
+        run(json_out, debug, _body)

@@ -1,0 +1,107 @@
+// Heatmap peaks (max-pool NMS, REFERENCE §4.1 step 2) and corner-pair scoring (REFERENCE §4.1, §4.2,
+// §4.4). One thread per heatmap position; one thread per (image, tl, br) pair. Every test is a keep
+// condition, so a NaN operand rejects (kpnet/ops/decoding.py). Compiled without FMA contraction so
+// each float operation rounds exactly as the PyTorch reference's.
+#include "kpnet_types.cuh"
+
+// Heat where it is >= every value in its kernel×kernel window (positions outside the map ignored), else 0.
+// 32-bit index arithmetic: the launch layer only sends heatmaps with fewer than 2^31 elements.
+template <typename T>
+__device__ __forceinline__ void peak_scores(const T* __restrict__ heat, T* __restrict__ out, kp_index n_maps,
+                                            int height, int width, int radius) {
+    int i = (int)((kp_index)blockIdx.x * blockDim.x + threadIdx.x);
+    if ((kp_index)i >= n_maps * height * width) return;
+    int row = i / width;
+    int x = i - row * width;
+    int y = row % height;
+    const T* map = heat + (i - y * width - x);
+    T v = heat[i];
+    int y0 = y - radius < 0 ? 0 : y - radius, y1 = y + radius >= height ? height - 1 : y + radius;
+    int x0 = x - radius < 0 ? 0 : x - radius, x1 = x + radius >= width ? width - 1 : x + radius;
+    for (int yy = y0; yy <= y1; ++yy) {
+        for (int xx = x0; xx <= x1; ++xx) {
+            if (!(map[yy * width + xx] <= v)) {
+                out[i] = (T)0;
+                return;
+            }
+        }
+    }
+    out[i] = v;
+}
+
+extern "C" __global__ void peak_scores_f32(const float* heat, float* out, kp_index n_maps, int height, int width,
+                                           int radius) {
+    peak_scores<float>(heat, out, n_maps, height, width, radius);
+}
+
+extern "C" __global__ void peak_scores_f64(const double* heat, double* out, kp_index n_maps, int height, int width,
+                                           int radius) {
+    peak_scores<double>(heat, out, n_maps, height, width, radius);
+}
+
+// Modes: 0 = associative embedding (CornerNet), 1 = triplet centre check (CenterNet), 2 = centripetal.
+// `pair` orders the num_dets selection; `final` is the triplet rescoring (or the pair score).
+extern "C" __global__ void pair_scores_f32(
+    const float* tl_s, const int* tl_c, const float* tl_x, const float* tl_y,
+    const float* br_s, const int* br_c, const float* br_x, const float* br_y,
+    const float* tl_e, const float* br_e,
+    const float* ct_s, const int* ct_c, const float* ct_x, const float* ct_y,
+    const float* tl_cx, const float* tl_cy, const float* br_cx, const float* br_cy,
+    float* pair, float* final_score,
+    int batch, int k_tl, int k_br, int k_ct, int mode, int allow_zero_size, int centripetal_weighting,
+    float ae_threshold, float region_area, float region_n_small, float region_n_large,
+    float mu_area, float mu_small, float mu_large) {
+    kp_index t = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= (kp_index)batch * k_tl * k_br) return;
+    int j = (int)(t % k_br);
+    int i = (int)((t / k_br) % k_tl);
+    int b = (int)(t / ((kp_index)k_tl * k_br));
+    int a = b * k_tl + i, c = b * k_br + j;
+    float x1 = tl_x[a], y1 = tl_y[a], x2 = br_x[c], y2 = br_y[c];
+    float score = (tl_s[a] + br_s[c]) / 2.0f;
+    bool keep = allow_zero_size ? (x2 >= x1 && y2 >= y1) : (x2 > x1 && y2 > y1);
+    keep = keep && tl_c[a] == br_c[c];
+    if (mode != 2) {
+        float d = tl_e[a] - br_e[c];
+        keep = keep && (d < 0.0f ? -d : d) <= ae_threshold;
+    } else {
+        float w = x2 - x1, h = y2 - y1;
+        float area = w * h;
+        float mu = (area < 0.0f ? -area : area) <= mu_area ? mu_small : mu_large;
+        float cx = (x1 + x2) / 2.0f, cy = (y1 + y2) / 2.0f;
+        float rx1 = cx - mu * w / 2.0f, rx2 = cx + mu * w / 2.0f;
+        float ry1 = cy - mu * h / 2.0f, ry2 = cy + mu * h / 2.0f;
+        float tcx = tl_cx[a], tcy = tl_cy[a], bcx = br_cx[c], bcy = br_cy[c];
+        keep = keep && tcx > rx1 && tcx < rx2 && bcx > rx1 && bcx < rx2;
+        keep = keep && tcy > ry1 && tcy < ry2 && bcy > ry1 && bcy < ry2;
+        if (centripetal_weighting) {
+            float dx = tcx - bcx, dy = tcy - bcy;
+            dx = dx < 0.0f ? -dx : dx;
+            dy = dy < 0.0f ? -dy : dy;
+            score = score * expf(-(dx * dy) / ((rx2 - rx1) * (ry2 - ry1)));
+        }
+    }
+    score = keep ? score : -1.0f;
+    float rescored = score;
+    if (mode == 1) {
+        rescored = -1.0f;
+        if (keep) {
+            float w = x2 - x1, h = y2 - y1;
+            float n = w * h <= region_area ? region_n_small : region_n_large;
+            float lo_x = ((n + 1.0f) * x1 + (n - 1.0f) * x2) / (2.0f * n);
+            float hi_x = ((n - 1.0f) * x1 + (n + 1.0f) * x2) / (2.0f * n);
+            float lo_y = ((n + 1.0f) * y1 + (n - 1.0f) * y2) / (2.0f * n);
+            float hi_y = ((n - 1.0f) * y1 + (n + 1.0f) * y2) / (2.0f * n);
+            int cls = tl_c[a];
+            for (int m = b * k_ct; m < (b + 1) * k_ct; ++m) {
+                float px = ct_x[m], py = ct_y[m];
+                if (ct_c[m] == cls && px > lo_x && px < hi_x && py > lo_y && py < hi_y) {
+                    rescored = (2.0f * score + ct_s[m]) / 3.0f;
+                    break;
+                }
+            }
+        }
+    }
+    pair[t] = score;
+    final_score[t] = rescored;
+}

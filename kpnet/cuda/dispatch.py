@@ -1,0 +1,91 @@
+"""Which backend runs an op: the CuPy kernels, the g++-compiled emulator of the same kernels, or
+the PyTorch reference (ARCHITECTURE.md, "Kernels: one source, three ways to run").
+
+Rule: a CUDA tensor with a working CuPy runs the kernels; everything else runs the PyTorch
+reference. `KPNET_KERNELS` overrides it:
+
+- `auto` (default): the rule above. CPU tensors always use the reference, so the default never
+  depends on whether a C++ compiler happens to be installed.
+- `torch`: the reference everywhere.
+- `emulate`: CPU tensors run the emulator (the `.cu` sources compiled by g++); without g++ the
+  reference serves and the reason says so. CUDA tensors follow the default rule.
+- `cuda`: CUDA tensors must run the kernels (an error names why CuPy is unusable); CPU tensors
+  use the reference.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from kpnet.errors import KpnetError
+
+KERNELS_ENV = "KPNET_KERNELS"
+MODES = ("auto", "torch", "emulate", "cuda")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The backend an op runs on ("cuda", "emulate" or "torch") and why."""
+
+    backend: str
+    reason: str
+
+
+def mode() -> str:
+    """The `KPNET_KERNELS` setting, validated (read on every call so tests and users can change it)."""
+    value = os.environ.get(KERNELS_ENV, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise KpnetError(KERNELS_ENV, f"unknown value {value!r}; expected one of {', '.join(MODES)}")
+    return value
+
+
+@lru_cache(maxsize=1)
+def cupy_status() -> tuple[bool, str]:
+    """Whether CuPy imports and sees a CUDA device, with the reason when it does not."""
+    try:
+        import cupy  # noqa: F401
+    except Exception as e:  # ImportError, or a CuPy built for another CUDA version
+        return False, f"CuPy is not importable ({type(e).__name__}: {e})"
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        return False, f"CuPy sees no CUDA device ({type(e).__name__}: {e})"
+    if count < 1:
+        return False, "CuPy sees no CUDA device"
+    return True, f"CuPy {cupy.__version__} with {count} CUDA device(s)"
+
+
+def emulator_status() -> tuple[bool, str]:
+    """Whether the emulator can be built here (a C++ compiler on PATH or in $CXX)."""
+    from kpnet.cuda.emulator import compiler
+
+    cxx = compiler()
+    if cxx is None:
+        return False, "no C++ compiler found (looked for $CXX, g++)"
+    return True, f"C++ compiler {cxx}"
+
+
+def choose(device: torch.device, has_kernel: bool = True) -> Choice:
+    """Pick the backend for an op on tensors living on `device` (see the module docstring)."""
+    requested = mode()
+    if not has_kernel:
+        return Choice("torch", "no kernel for this op; PyTorch reference")
+    if requested == "torch":
+        return Choice("torch", f"{KERNELS_ENV}=torch")
+    if device.type == "cuda":
+        ok, why = cupy_status()
+        if ok:
+            return Choice("cuda", f"CUDA tensor; {why}")
+        if requested == "cuda":
+            raise KpnetError(KERNELS_ENV, f"cuda kernels requested but {why}")
+        return Choice("torch", f"CUDA tensor but {why}; PyTorch reference")
+    if requested == "emulate":
+        ok, why = emulator_status()
+        if ok:
+            return Choice("emulate", f"{KERNELS_ENV}=emulate; {why}")
+        return Choice("torch", f"{KERNELS_ENV}=emulate but {why}; PyTorch reference")
+    return Choice("torch", f"CPU tensor: PyTorch reference (set {KERNELS_ENV}=emulate for the compiled kernels)")

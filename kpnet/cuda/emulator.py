@@ -1,0 +1,120 @@
+"""The CPU emulator: kpnet's .cu sources compiled by g++ through kpnet_shim.h, with one generated
+launcher per kernel that walks every block and thread (ARCHITECTURE.md, "Kernels: one source,
+three ways to run").
+
+The shared library is cached by a hash of the sources, the generated launchers, the compiler
+version and the flags, in $KPNET_CACHE_DIR, else $XDG_CACHE_HOME/kpnet, else ~/.cache/kpnet. It is
+compiled in a temporary directory and renamed into place, so concurrent builds never see a partial
+file. Flags: -O3 without fast-math and with -ffp-contract=off, so float arithmetic rounds exactly as
+on the GPU (compiled with --fmad=false) and in PyTorch.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+from kpnet.errors import KpnetError
+
+SOURCE_DIR = Path(__file__).resolve().parent
+CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+
+
+def compiler() -> str | None:
+    """The C++ compiler the emulator uses: $CXX if set and found, else g++ on PATH, else None."""
+    for name in (os.environ.get("CXX"), "g++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def cache_dir() -> Path:
+    """Where built emulator libraries live (see the module docstring)."""
+    if os.environ.get("KPNET_CACHE_DIR"):
+        return Path(os.environ["KPNET_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "kpnet"
+
+
+def _launcher(name: str, params: tuple[str, ...]) -> str:
+    """C++ for `kpnet_emu_<name>(dims, args)`: set the launch shape, call the kernel for every thread."""
+    call = ", ".join(f"*({p}*)args[{i}]" for i, p in enumerate(params))
+    return (
+        f'extern "C" void kpnet_emu_{name}(const unsigned int* d, void** args) {{\n'
+        "    gridDim = dim3{d[0], d[1], d[2]}; blockDim = dim3{d[3], d[4], d[5]};\n"
+        "    for (unsigned int bz = 0; bz < d[2]; ++bz) for (unsigned int by = 0; by < d[1]; ++by)\n"
+        "    for (unsigned int bx = 0; bx < d[0]; ++bx) {\n"
+        "        blockIdx = dim3{bx, by, bz};\n"
+        "        for (unsigned int tz = 0; tz < d[5]; ++tz) for (unsigned int ty = 0; ty < d[4]; ++ty)\n"
+        "        for (unsigned int tx = 0; tx < d[3]; ++tx) {\n"
+        "            threadIdx = dim3{tx, ty, tz};\n"
+        f"            {name}({call});\n"
+        "        }\n"
+        "    }\n"
+        "}\n"
+    )
+
+
+def translation_unit(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> str:
+    """One C++ file: the shim, every .cu source, and a launcher per kernel in `kernels` (name -> (file, params))."""
+    files = sorted({src for src, _ in kernels.values()})
+    parts = ['#include "kpnet_shim.h"'] + [f'#include "{f}"' for f in files]
+    parts += [_launcher(name, params) for name, (_, params) in sorted(kernels.items())]
+    return "\n".join(parts) + "\n"
+
+
+def _compiler_version(cxx: str) -> str:
+    return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
+
+
+def build(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> Path:
+    """Compile (or find in the cache) the emulator library for `kernels`; returns its path."""
+    cxx = compiler()
+    if cxx is None:
+        raise KpnetError("emulator", "no C++ compiler found (set $CXX or install g++)")
+    unit = translation_unit(kernels)
+    digest = hashlib.sha256()
+    for part in (unit, _compiler_version(cxx), " ".join(CXX_FLAGS)):
+        digest.update(part.encode())
+    for f in sorted(SOURCE_DIR.glob("*.cu")) + sorted(SOURCE_DIR.glob("*.cuh")) + [SOURCE_DIR / "kpnet_shim.h"]:
+        digest.update(f.name.encode() + f.read_bytes())
+    target = cache_dir() / f"kpnet_emulator_{digest.hexdigest()[:24]}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as tmp:
+        src = Path(tmp) / "kpnet_emulator.cpp"
+        src.write_text(unit)
+        lib = Path(tmp) / target.name
+        proc = subprocess.run([cxx, *CXX_FLAGS, "-I", str(SOURCE_DIR), str(src), "-o", str(lib)],
+                              capture_output=True, text=True, check=False)
+        if proc.returncode != 0:
+            raise KpnetError("emulator", f"{cxx} failed to compile the kernels:\n{proc.stderr.strip()}")
+        os.replace(lib, target)
+    return target
+
+
+@lru_cache(maxsize=None)
+def _library(path: str) -> ctypes.CDLL:
+    return ctypes.CDLL(path)
+
+
+def run(kernels: dict[str, tuple[str, tuple[str, ...]]], name: str, grid: tuple[int, int, int],
+        block: tuple[int, int, int], args: list[ctypes._SimpleCData]) -> None:
+    """Launch kernel `name` on the CPU: every block and thread of grid × block, in order."""
+    lib = _library(str(build_cached(tuple(sorted(kernels.items())))))
+    dims = (ctypes.c_uint * 6)(*grid, *block)
+    argv = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+    getattr(lib, f"kpnet_emu_{name}")(dims, argv)
+
+
+@lru_cache(maxsize=None)
+def build_cached(kernels: tuple[tuple[str, tuple[str, tuple[str, ...]]], ...]) -> Path:
+    """`build`, once per process for a given kernel table."""
+    return build(dict(kernels))

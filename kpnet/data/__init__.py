@@ -1,0 +1,1 @@
+"""COCO-format data: datasets, augmentation, the synthetic `shapes` set, validation and converters."""

@@ -1,0 +1,59 @@
+"""Backend choice (KPNET_KERNELS) and the `kpnet info` subcommand that reports it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kpnet.cli import app
+from kpnet.cuda import dispatch
+from kpnet.errors import KpnetError
+
+
+def test_default_cpu_is_reference(monkeypatch):
+    monkeypatch.delenv("KPNET_KERNELS", raising=False)
+    choice = dispatch.choose(torch.device("cpu"))
+    assert choice.backend == "torch" and "CPU tensor" in choice.reason
+
+
+def test_modes(monkeypatch):
+    monkeypatch.setenv("KPNET_KERNELS", "torch")
+    assert dispatch.choose(torch.device("cpu")).backend == "torch"
+    monkeypatch.setenv("KPNET_KERNELS", "emulate")
+    assert dispatch.choose(torch.device("cpu"), has_kernel=False).backend == "torch"
+    monkeypatch.setenv("KPNET_KERNELS", "cuda")
+    assert dispatch.choose(torch.device("cpu")).backend == "torch"
+    monkeypatch.setenv("KPNET_KERNELS", "gpu")
+    with pytest.raises(KpnetError, match="KPNET_KERNELS: unknown value 'gpu'"):
+        dispatch.choose(torch.device("cpu"))
+
+
+def test_cuda_tensor_without_cupy(monkeypatch):
+    monkeypatch.setattr(dispatch, "cupy_status", lambda: (False, "CuPy is not importable (test)"))
+    monkeypatch.delenv("KPNET_KERNELS", raising=False)
+    choice = dispatch.choose(torch.device("cuda"))
+    assert choice.backend == "torch" and "CuPy is not importable (test)" in choice.reason
+    monkeypatch.setenv("KPNET_KERNELS", "cuda")
+    with pytest.raises(KpnetError, match="cuda kernels requested but CuPy is not importable"):
+        dispatch.choose(torch.device("cuda"))
+
+
+def test_info_json(monkeypatch):
+    monkeypatch.setenv("KPNET_KERNELS", "torch")
+    result = CliRunner().invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["kernels_env"] == "torch" and doc["checks_failed"] == []
+    cpu = {r["op"]: r for r in doc["ops"] if r["device"] == "cpu"}
+    assert set(cpu) == {"corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge"}
+    assert all(r["backend"] == "torch" and r["reason"] == "KPNET_KERNELS=torch" for r in cpu.values())
+
+
+def test_info_bad_env_exits_2(monkeypatch):
+    monkeypatch.setenv("KPNET_KERNELS", "fast")
+    result = CliRunner().invoke(app, ["info"])
+    assert result.exit_code == 2
+    assert "KPNET_KERNELS: unknown value 'fast'" in result.output

@@ -1,0 +1,249 @@
+"""The g++-compiled kernels (the emulator) against the PyTorch reference: bit-identical pooling forward and
+backward, identical decoding (scores to 1e-6), and the build cache."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from kpnet.cuda import dispatch, emulator
+from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks, line_max, soft_nms, soft_nms_merge
+
+pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler (g++) to build the emulator")
+
+
+def _both(monkeypatch, fn):
+    monkeypatch.setenv("KPNET_KERNELS", "torch")
+    ref = fn()
+    monkeypatch.setenv("KPNET_KERNELS", "emulate")
+    assert dispatch.choose(torch.device("cpu")).backend == "emulate"
+    return ref, fn()
+
+
+def _pool_run(op, x, arg, seed=0):
+    def fn():
+        xx = x.detach().clone().requires_grad_()
+        y = op(xx, arg)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(x.dtype)
+        y.backward(g)
+        return y.detach(), xx.grad
+    return fn
+
+
+def _bits_equal(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert torch.equal(a.view(torch.int8 if a.element_size() == 1 else {2: torch.int16, 4: torch.int32,
+                                                                         8: torch.int64}[a.element_size()]),
+                       b.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]))
+
+
+def _pool_inputs():
+    g = torch.Generator().manual_seed(3)
+    ties = torch.randint(0, 3, (2, 3, 9, 7), generator=g).float()
+    inf = torch.randn(2, 2, 6, 5, generator=g)
+    inf[inf > 1] = float("inf")
+    inf[inf < -1] = float("-inf")
+    nan = torch.randn(1, 2, 7, 8, generator=g)
+    nan[torch.rand(nan.shape, generator=g) < 0.1] = float("nan")
+    return {
+        "random": torch.randn(2, 4, 13, 11, generator=g),
+        "ties": ties,
+        "relu_zeros": torch.relu(torch.randn(1, 3, 8, 8, generator=g)),
+        "inf": inf,
+        "nan": nan,
+        "1x1": torch.randn(1, 2, 1, 1, generator=g),
+        "odd": torch.randn(1, 1, 1, 9, generator=g),
+        "noncontig": torch.randn(2, 9, 3, 7, generator=g).permute(0, 2, 3, 1),
+        "f64": torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64),
+        "f16_ties": torch.randint(-2, 3, (1, 3, 7, 9), generator=g).half(),
+        "bf16": torch.randn(1, 3, 7, 9, generator=g).bfloat16(),
+    }
+
+
+@pytest.mark.parametrize("name", list(_pool_inputs()))
+def test_corner_pool_bit_identical(monkeypatch, name):
+    x = _pool_inputs()[name]
+    for direction in DIRECTIONS:
+        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
+        _bits_equal(y_ref, y_emu)
+        _bits_equal(g_ref, g_emu)
+
+
+@pytest.mark.parametrize("name", list(_pool_inputs()))
+def test_line_max_bit_identical(monkeypatch, name):
+    x = _pool_inputs()[name]
+    for dim in (2, 3):
+        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(line_max, x, dim))
+        _bits_equal(y_ref, y_emu)
+        _bits_equal(g_ref, g_emu)
+
+
+def test_tie_rule_gradient_goes_to_latest_scanned(monkeypatch):
+    """Ties: the gradient lands on the equal maximum scanned last (nearest the output), on both backends."""
+    x = torch.tensor([[[[2.0, 2.0, 1.0, 2.0]]]])
+    for backend in ("torch", "emulate"):
+        monkeypatch.setenv("KPNET_KERNELS", backend)
+        xx = x.clone().requires_grad_()
+        corner_pool(xx, "right").sum().backward()  # scan left -> right, out[j] = max over k <= j
+        assert xx.grad.flatten().tolist() == [1.0, 2.0, 0.0, 1.0]
+        xx = x.clone().requires_grad_()
+        line_max(xx, 3).sum().backward()
+        assert xx.grad.flatten().tolist() == [0.0, 0.0, 0.0, 4.0]
+
+
+def _peak_heats():
+    g = torch.Generator().manual_seed(5)
+    rand = torch.rand(2, 4, 17, 13, generator=g)
+    nan = rand.clone()
+    nan[0, 1, 3, 4] = float("nan")
+    return {
+        "random": rand,
+        "quantised": (torch.rand(1, 3, 16, 16, generator=g) * 4).round() / 4,
+        "empty": torch.zeros(2, 3, 8, 8),
+        "all_equal": torch.full((1, 2, 5, 5), 0.3),
+        "nan": nan,
+        "f64": torch.rand(1, 2, 9, 9, generator=g, dtype=torch.float64),
+    }
+
+
+@pytest.mark.parametrize("name", list(_peak_heats()))
+@pytest.mark.parametrize("k", [1, 40, 10_000])
+def test_heatmap_peaks_identical(monkeypatch, name, k):
+    heat = _peak_heats()[name]
+    ref, emu = _both(monkeypatch, lambda: heatmap_peaks(heat, k))
+    for a, b in zip(ref, emu):
+        assert torch.equal(a, b)
+    b, c, h, w = heat.shape
+    assert ref[0].shape == (b, min(k, c * h * w))
+
+
+def test_heatmap_peaks_semantics():
+    heat = torch.zeros(1, 2, 4, 4)
+    heat[0, 1, 2, 3] = 0.9
+    heat[0, 0, 0, 0] = 0.5
+    heat[0, 0, 0, 1] = 0.4  # next to a higher value: not a peak, scores 0
+    scores, classes, ys, xs = heatmap_peaks(heat, 3)
+    assert scores.tolist() == [[pytest.approx(0.9), 0.5, 0.0]]
+    # the suppressed (0, 0, 1) scores 0 and is the next zero in (c, y, x) order
+    assert (classes.tolist(), ys.tolist(), xs.tolist()) == ([[1, 0, 0]], [[2, 0, 0]], [[3, 0, 1]])
+
+
+def _corners(k, seed, scale=40.0, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.rand(2, k, generator=g)
+    c = torch.randint(0, classes, (2, k), generator=g)
+    x = (torch.rand(2, k, generator=g) * scale).round()  # integer coordinates: exact ties on the box tests
+    y = (torch.rand(2, k, generator=g) * scale).round()
+    return s, c, x, y
+
+
+@pytest.mark.parametrize("mode", ["ae", "triplet", "centripetal"])
+@pytest.mark.parametrize("allow_zero_size", [True, False])
+def test_group_corners_identical(monkeypatch, mode, allow_zero_size):
+    tl = _corners(30, 1)
+    br = _corners(25, 2)
+    br = (br[0], br[1], br[2] + 20, br[3] + 20)
+    g = torch.Generator().manual_seed(7)
+    extra = {}
+    if mode in ("ae", "triplet"):
+        extra.update(tl_embed=torch.rand(2, 30, generator=g), br_embed=torch.rand(2, 25, generator=g))
+    if mode == "triplet":
+        cs, cc, cx, cy = _corners(20, 3, scale=60.0)
+        extra.update(ct_scores=cs, ct_classes=cc, ct_xs=cx, ct_ys=cy, region_area=400.0)
+    if mode == "centripetal":
+        extra.update(tl_ct_xs=tl[2] + torch.rand(2, 30, generator=g) * 30, tl_ct_ys=tl[3] + 15.0,
+                     br_ct_xs=br[2] - torch.rand(2, 25, generator=g) * 30, br_ct_ys=br[3] - 15.0,
+                     centripetal_weighting=True)
+    ref, emu = _both(monkeypatch, lambda: group_corners(*tl, *br, mode=mode, allow_zero_size=allow_zero_size,
+                                                        num_dets=300, **extra))
+    assert torch.equal(ref.tl_index, emu.tl_index) and torch.equal(ref.br_index, emu.br_index)
+    assert torch.equal(ref.boxes, emu.boxes) and torch.equal(ref.classes, emu.classes)
+    torch.testing.assert_close(ref.scores, emu.scores, atol=1e-6, rtol=0)
+    assert (ref.scores > -1).any() and (ref.scores == -1).any()
+
+
+def test_group_corners_rules():
+    one = torch.ones(1, 1)
+    base = dict(tl_embed=torch.zeros(1, 1), br_embed=torch.full((1, 1), 0.5))
+    out = group_corners(one * 0.8, one.long(), one * 2, one * 2, one * 0.4, one.long(), one * 2, one * 9, **base)
+    assert out.scores.item() == pytest.approx(0.6)  # mean; |e| = 0.5 not > 0.5; zero width allowed
+    out = group_corners(one * 0.8, one.long(), one * 2, one * 2, one * 0.4, one.long(), one * 2, one * 9, **base,
+                        allow_zero_size=False)
+    assert out.scores.item() == -1
+    out = group_corners(one * 0.8, one.long(), one * 2, one * 2, one * 0.4, one.long() * 2, one * 5, one * 9, **base)
+    assert out.scores.item() == -1  # classes differ
+    # triplet: box (0,0)-(30,30), area 900 <= 22500 -> n = 3, region (10, 20); centre at 10 is on the boundary
+    ct = dict(ct_scores=torch.tensor([[0.9, 0.3]]), ct_classes=torch.ones(1, 2).long(),
+              ct_xs=torch.tensor([[10.0, 15.0]]), ct_ys=torch.tensor([[15.0, 15.0]]))
+    out = group_corners(one * 0.8, one.long(), one * 0, one * 0, one * 0.4, one.long(), one * 30, one * 30, **base,
+                        **ct, mode="triplet")
+    assert out.scores.item() == pytest.approx((2 * 0.6 + 0.3) / 3)
+
+
+def _nms_inputs(n=300, seed=11):
+    g = torch.Generator().manual_seed(seed)
+    xy = (torch.rand(n, 2, generator=g) * 100).round()
+    wh = (torch.rand(n, 2, generator=g) * 40).round()
+    scores = torch.rand(n, generator=g)
+    scores[:5] = scores[5]  # exact ties
+    return torch.cat([xy, xy + wh], 1), scores, torch.randint(0, 6, (n,), generator=g)
+
+
+@pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
+@pytest.mark.parametrize("plus_one", [True, False])
+def test_soft_nms_identical(monkeypatch, method, plus_one):
+    boxes, scores, classes = _nms_inputs()
+    (k_ref, s_ref), (k_emu, s_emu) = _both(
+        monkeypatch, lambda: soft_nms(boxes, scores, classes, method=method, plus_one=plus_one))
+    assert torch.equal(k_ref, k_emu)
+    torch.testing.assert_close(s_ref, s_emu, atol=1e-6, rtol=0)
+    assert len(set(k_ref.tolist())) == len(k_ref)  # keep honoured: no stale duplicate rows
+    if method != "linear":  # linear decay rarely drops a score below 0.001
+        assert len(k_ref) < len(scores)
+
+
+def test_soft_nms_merge_identical(monkeypatch):
+    boxes, scores, classes = _nms_inputs(seed=12)
+    tl, br = scores.roll(1), scores.roll(2)
+    (k_ref, s_ref, b_ref), (k_emu, s_emu, b_emu) = _both(
+        monkeypatch, lambda: soft_nms_merge(boxes, scores, classes, tl, br, weight_exp=10))
+    assert torch.equal(k_ref, k_emu)
+    torch.testing.assert_close(s_ref, s_emu, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b_ref, b_emu, atol=1e-4, rtol=1e-6)
+    assert not torch.equal(b_ref, boxes[k_ref])  # merging moved some boxes
+
+
+def test_soft_nms_semantics():
+    boxes = torch.tensor([[0.0, 0, 9, 9], [0, 0, 9, 9], [20, 20, 29, 29], [0, 0, 9, 9]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    keep, new = soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), method="hard")
+    assert keep.tolist() == [0, 2, 3]  # box 1 is the same box as 0 (IoU 1): removed; class 1 untouched
+    keep, new = soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), method="gaussian", sigma=0.5)
+    assert keep.tolist() == [0, 2, 3, 1]
+    assert new[-1].item() == pytest.approx(0.8 * torch.exp(torch.tensor(-1 / 0.5)).item())
+
+
+def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
+    from kpnet.cuda.launch import KERNELS
+
+    monkeypatch.setenv("KPNET_CACHE_DIR", str(tmp_path))
+    subset = {"peak_scores_f32": KERNELS["peak_scores_f32"]}
+    first = emulator.build(subset)
+    assert first.parent == tmp_path and first.exists()
+    stamp = first.stat().st_mtime_ns
+    assert emulator.build(subset) == first and first.stat().st_mtime_ns == stamp  # no rebuild
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # the temporary build dir is gone
+    other = emulator.build({"peak_scores_f64": KERNELS["peak_scores_f64"]})
+    assert other != first  # different launcher set -> different hash
+
+
+def test_missing_compiler_falls_back_with_reason(monkeypatch):
+    monkeypatch.setenv("KPNET_KERNELS", "emulate")
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("PATH", os.devnull)
+    choice = dispatch.choose(torch.device("cpu"))
+    assert choice.backend == "torch" and "no C++ compiler" in choice.reason
+    x = torch.randn(1, 1, 4, 4)
+    assert torch.equal(corner_pool(x, "top"), torch.cummax(x.flip(2), 2).values.flip(2))
