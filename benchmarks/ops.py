@@ -5,6 +5,10 @@ reference (torch.cummax), the emulator-compiled CUDA kernel (g++), a naive per-r
 log-step form, next to the memory-bandwidth floor (copy_ into a preallocated tensor) and the ratio
 to it; then per-image peaks + corner grouping (K=100 and K=70, 80 classes, 128×128) for the fused
 ops against a straightforward K×K tensor decode, and the triplet decode against plain grouping.
+Times are CPU time of the benchmarking thread (time.thread_time), the median over rounds, so a busy
+machine's preemption is not counted; each pooling ratio is the median of per-round ratios against the
+copy floor measured in the same round. The "fresh floor" row (torch.empty_like + copy_) shows what
+allocating any out-of-place output costs here (page faults), which every forward row includes.
 Run: .venv/bin/python benchmarks/ops.py [--quick]
 """
 
@@ -24,15 +28,28 @@ from kpnet.ops.pooling import _SCAN, running_max_logstep
 SHAPES = [(1, 128, 128, 128), (2, 256, 128, 128), (8, 128, 64, 64)]
 
 
-def timed(fn, repeat: int) -> float:
-    """Median wall time of fn() in milliseconds after one warm-up call."""
+def _once(fn) -> float:
+    start = time.thread_time()
     fn()
-    times = []
+    return time.thread_time() - start
+
+
+def timed(fn, repeat: int) -> float:
+    """Median thread CPU time of fn() in milliseconds after one warm-up call."""
+    fn()
+    return statistics.median(_once(fn) for _ in range(repeat)) * 1e3
+
+
+def timed_vs_floor(fn, floor, repeat: int) -> tuple[float, float]:
+    """(median ms, median ratio) of fn() against floor() (best of 3) measured in the same round."""
+    fn()
+    times, ratios = [], []
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        base = min(_once(floor) for _ in range(3))
+        t = _once(fn)
+        times.append(t)
+        ratios.append(t / base)
+    return statistics.median(times) * 1e3, statistics.median(ratios)
 
 
 def naive_rows(x: torch.Tensor, direction: str) -> torch.Tensor:
@@ -70,12 +87,18 @@ def bench_pooling(repeat: int, shapes: list) -> None:
     for shape in shapes:
         x = torch.randn(shape)
         buf = torch.empty_like(x)
-        floor = timed(lambda: buf.copy_(x), repeat * 3)
-        print(f"\nshape {shape}: copy floor {floor:.2f} ms")
+
+        def floor():
+            buf.copy_(x)
+
+        copy = timed(floor, repeat * 3)
+        fresh, fresh_ratio = timed_vs_floor(lambda: torch.empty_like(x).copy_(x), floor, repeat)
+        print(f"\nshape {shape}: copy floor {copy:.2f} ms; fresh floor (empty_like + copy_) {fresh:.2f} ms "
+              f"({fresh_ratio:.1f}×)")
         print(f"  {'direction':<9} {'impl':<11} {'forward':>18} {'forward+backward':>20}")
         for direction in DIRECTIONS:
             for name, fn in pool_impls(direction).items():
-                fwd = timed(lambda: fn(x), repeat)
+                fwd, fwd_ratio = timed_vs_floor(lambda: fn(x), floor, repeat)
                 xg = x.clone().requires_grad_()
                 grad = torch.ones_like(x)
 
@@ -83,8 +106,8 @@ def bench_pooling(repeat: int, shapes: list) -> None:
                     xg.grad = None
                     fn(xg).backward(grad)
 
-                fb = timed(fwd_bwd, repeat)
-                print(f"  {direction:<9} {name:<11} {fwd:9.2f} ({fwd / floor:5.1f}×) {fb:11.2f} ({fb / floor:5.1f}×)")
+                fb, fb_ratio = timed_vs_floor(fwd_bwd, floor, repeat)
+                print(f"  {direction:<9} {name:<11} {fwd:9.2f} ({fwd_ratio:5.1f}×) {fb:11.2f} ({fb_ratio:5.1f}×)")
     os.environ.pop("KPNET_KERNELS", None)
 
 
@@ -136,19 +159,31 @@ def bench_decoding(repeat: int) -> None:
         os.environ["KPNET_KERNELS"] = "emulate"
         fused = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
         triplet = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k, heats[2]), repeat)
+        # Like with like: the grouping step alone on the same corner (and centre) peaks, ae vs triplet.
+        tl, br, ct = (heatmap_peaks(h, k) for h in heats)
+        corners = (tl[0], tl[1], tl[3].float(), tl[2].float(), br[0], br[1], br[3].float(), br[2].float())
+        emb = dict(tl_embed=tl[0].clone(), br_embed=br[0].clone())
+        group_ae = timed(lambda: group_corners(*corners, **emb), repeat * 3)
+        group_triplet = timed(lambda: group_corners(*corners, **emb, mode="triplet", ct_scores=ct[0],
+                                                    ct_classes=ct[1], ct_xs=ct[3].float(), ct_ys=ct[2].float()),
+                              repeat * 3)
         os.environ["KPNET_KERNELS"] = "torch"
         ref = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
         os.environ.pop("KPNET_KERNELS", None)
-        print(f"  K={k}: straightforward K×K {base:.2f}; kpnet reference {ref:.2f}; fused (emulator) {fused:.2f} "
-              f"-> {base / fused:.1f}× faster; triplet decode with centre check (3 heatmaps) {triplet:.2f} "
-              f"= {triplet / fused:.2f}× plain grouping")
+        print(f"  K={k}: peaks + grouping: straightforward K×K {base:.2f}; kpnet reference {ref:.2f}; "
+              f"fused (emulator) {fused:.2f} -> {base / fused:.1f}× faster than K×K")
+        print(f"  K={k}: grouping step on the same peaks (the like-for-like comparison): plain CornerNet (ae) "
+              f"{group_ae:.3f}; triplet with centre check {group_triplet:.3f} = {group_triplet / group_ae:.2f}× plain")
+        print(f"  K={k}: full decodes: triplet (3 heatmaps' peaks + centre check) {triplet:.2f} vs CornerNet "
+              f"(2 heatmaps) {fused:.2f}; per heatmap {triplet / 3:.2f} vs {fused / 2:.2f}")
 
 
 def main() -> None:
     torch.set_num_threads(1)
     quick = "--quick" in sys.argv
     repeat = 3 if quick else 5
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}; times: thread CPU time, medians")
     bench_pooling(repeat, SHAPES[:1] if quick else SHAPES)
     bench_decoding(repeat)
 

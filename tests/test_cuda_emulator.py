@@ -229,13 +229,13 @@ def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
     from kpnet.cuda.launch import KERNELS
 
     monkeypatch.setenv("KPNET_CACHE_DIR", str(tmp_path))
-    subset = {"peak_scores_f32": KERNELS["peak_scores_f32"]}
+    subset = {"peak_candidates_f32": KERNELS["peak_candidates_f32"]}
     first = emulator.build(subset)
     assert first.parent == tmp_path and first.exists()
     stamp = first.stat().st_mtime_ns
     assert emulator.build(subset) == first and first.stat().st_mtime_ns == stamp  # no rebuild
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # the temporary build dir is gone
-    other = emulator.build({"peak_scores_f64": KERNELS["peak_scores_f64"]})
+    other = emulator.build({"peak_candidates_f64": KERNELS["peak_candidates_f64"]})
     assert other != first  # different launcher set -> different hash
 
 
@@ -247,3 +247,42 @@ def test_missing_compiler_falls_back_with_reason(monkeypatch):
     assert choice.backend == "torch" and "no C++ compiler" in choice.reason
     x = torch.randn(1, 1, 4, 4)
     assert torch.equal(corner_pool(x, "top"), torch.cummax(x.flip(2), 2).values.flip(2))
+
+
+@pytest.mark.parametrize("lanes", [1, 3])
+def test_pooling_gpu_thread_layout_bit_identical(lanes):
+    """The GPU's launch shape (lanes=1: one scan line per thread) and a ragged one (3) give the reference's bits."""
+    from kpnet.cuda import launch
+    from kpnet.ops.pooling import _SCAN
+
+    g = torch.Generator().manual_seed(9)
+    for x in (torch.randint(0, 3, (2, 3, 9, 7), generator=g).float(), torch.randn(1, 2, 6, 11, generator=g)):
+        grad = torch.randn(x.shape, generator=g)
+        for direction, (dim, reverse) in _SCAN.items():
+            values, indices = torch.cummax(x.flip(dim) if reverse else x, dim)
+            want = values.flip(dim) if reverse else values
+            acc = torch.zeros(x.shape, dtype=torch.float64).scatter_add_(
+                dim, indices, (grad.flip(dim) if reverse else grad).double())
+            want_grad = (acc.flip(dim) if reverse else acc).float()
+            _bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
+            _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
+        for dim in (2, 3):
+            _bits_equal(launch.line_max_forward(x, dim, "emulate", lanes=lanes),
+                        x.amax(dim, keepdim=True).expand(x.shape))
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_peak_candidates_row_threads_identical(monkeypatch, k):
+    """The GPU's layout (one thread per heatmap row) selects the same peaks as the whole-map CPU layout."""
+    from kpnet.cuda import launch
+    from kpnet.ops.decoding import topk_stable
+
+    heat = _peak_heats()["quantised"]
+    monkeypatch.setenv("KPNET_KERNELS", "torch")
+    want = heatmap_peaks(heat, k)
+    for rows in (1, heat.shape[2]):
+        scores, index = launch.peak_candidates(heat, k, 3, "emulate", rows=rows)
+        top, order = topk_stable(scores, k)
+        assert torch.equal(top, want[0])
+        flat = torch.gather(index, 1, order)
+        assert torch.equal(flat, want[1] * 256 + want[2] * 16 + want[3])

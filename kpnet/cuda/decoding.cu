@@ -1,42 +1,68 @@
 // Heatmap peaks (max-pool NMS, REFERENCE §4.1 step 2) and corner-pair scoring (REFERENCE §4.1, §4.2,
-// §4.4). One thread per heatmap position; one thread per (image, tl, br) pair. Every test is a keep
+// §4.4). One thread per block of heatmap rows; one thread per (image, tl, br) pair. Every test is a keep
 // condition, so a NaN operand rejects (kpnet/ops/decoding.py). Compiled without FMA contraction so
 // each float operation rounds exactly as the PyTorch reference's.
 #include "kpnet_types.cuh"
 
-// Heat where it is >= every value in its kernel×kernel window (positions outside the map ignored), else 0.
-// 32-bit index arithmetic: the launch layer only sends heatmaps with fewer than 2^31 elements.
+// Heatmap peaks fused with candidate collection. A position's score is its heat when that is >= every
+// value in its kernel×kernel window (positions outside the map ignored; a NaN anywhere in the window
+// fails the test), else 0 — the masked map of max-pool NMS. Each thread owns `rows` whole rows of one
+// map (the launch layer picks rows = 1 on the GPU, the whole map on the CPU) and keeps the top `cap`
+// of its positions, score descending, ties by smaller flat index, in its own slots of cand_score /
+// cand_index (cap = min(K, rows·width), so every slot fills). The window test runs only for positions
+// that could still enter the list. The global top-K is the top-K of the union of these lists, and a
+// list's slots are ordered as that rule orders them, so the launch layer's stable top-K over the
+// candidates in slot order is the top-K of the whole masked map.
+// 32-bit position arithmetic: the launch layer only sends heatmaps with fewer than 2^31 elements.
 template <typename T>
-__device__ __forceinline__ void peak_scores(const T* __restrict__ heat, T* __restrict__ out, kp_index n_maps,
-                                            int height, int width, int radius) {
-    int i = (int)((kp_index)blockIdx.x * blockDim.x + threadIdx.x);
-    if ((kp_index)i >= n_maps * height * width) return;
-    int row = i / width;
-    int x = i - row * width;
-    int y = row % height;
-    const T* map = heat + (i - y * width - x);
-    T v = heat[i];
-    int y0 = y - radius < 0 ? 0 : y - radius, y1 = y + radius >= height ? height - 1 : y + radius;
-    int x0 = x - radius < 0 ? 0 : x - radius, x1 = x + radius >= width ? width - 1 : x + radius;
-    for (int yy = y0; yy <= y1; ++yy) {
-        for (int xx = x0; xx <= x1; ++xx) {
-            if (!(map[yy * width + xx] <= v)) {
-                out[i] = (T)0;
-                return;
+__device__ __forceinline__ void peak_candidates(const T* __restrict__ heat, T* __restrict__ cand_score,
+                                                kp_index* __restrict__ cand_index, int n_maps, int height,
+                                                int width, int radius, int rows, int cap) {
+    kp_index t = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
+    int blocks = height / rows;
+    if (t >= (kp_index)n_maps * blocks) return;
+    int map = (int)(t / blocks);
+    int y_begin = (int)(t % blocks) * rows;
+    const T* plane = heat + (kp_index)map * height * width;
+    T* score_slot = cand_score + t * cap;
+    kp_index* index_slot = cand_index + t * cap;
+    int filled = 0;
+    for (int y = y_begin; y < y_begin + rows; ++y) {
+        int y0 = y - radius < 0 ? 0 : y - radius, y1 = y + radius >= height ? height - 1 : y + radius;
+        for (int x = 0; x < width; ++x) {
+            T v = plane[y * width + x];
+            if (filled == cap && !(v > score_slot[cap - 1]) && !((T)0 > score_slot[cap - 1])) continue;
+            int x0 = x - radius < 0 ? 0 : x - radius, x1 = x + radius >= width ? width - 1 : x + radius;
+            bool peak = true;
+            for (int yy = y0; yy <= y1 && peak; ++yy) {
+                for (int xx = x0; xx <= x1; ++xx) {
+                    if (!(plane[yy * width + xx] <= v)) { peak = false; break; }
+                }
             }
+            T s = peak ? v : (T)0;
+            if (filled == cap && !(s > score_slot[cap - 1])) continue;
+            // Insert after every entry scoring >= s (those have smaller indices: ties keep scan order).
+            int at = filled < cap ? filled : cap - 1;
+            while (at > 0 && score_slot[at - 1] < s) {
+                score_slot[at] = score_slot[at - 1];
+                index_slot[at] = index_slot[at - 1];
+                --at;
+            }
+            score_slot[at] = s;
+            index_slot[at] = (kp_index)map * height * width + y * width + x;
+            if (filled < cap) ++filled;
         }
     }
-    out[i] = v;
 }
 
-extern "C" __global__ void peak_scores_f32(const float* heat, float* out, kp_index n_maps, int height, int width,
-                                           int radius) {
-    peak_scores<float>(heat, out, n_maps, height, width, radius);
+extern "C" __global__ void peak_candidates_f32(const float* heat, float* cand_score, kp_index* cand_index,
+                                               int n_maps, int height, int width, int radius, int rows, int cap) {
+    peak_candidates<float>(heat, cand_score, cand_index, n_maps, height, width, radius, rows, cap);
 }
 
-extern "C" __global__ void peak_scores_f64(const double* heat, double* out, kp_index n_maps, int height, int width,
-                                           int radius) {
-    peak_scores<double>(heat, out, n_maps, height, width, radius);
+extern "C" __global__ void peak_candidates_f64(const double* heat, double* cand_score, kp_index* cand_index,
+                                               int n_maps, int height, int width, int radius, int rows, int cap) {
+    peak_candidates<double>(heat, cand_score, cand_index, n_maps, height, width, radius, rows, cap);
 }
 
 // Modes: 0 = associative embedding (CornerNet), 1 = triplet centre check (CenterNet), 2 = centripetal.

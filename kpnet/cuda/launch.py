@@ -27,15 +27,17 @@ POOL_TYPES = {
 PEAK_TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 
 KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {}
+_LINES = ("kp_index",) * 6  # n_planes, lines, length, line_stride, step, lanes (kpnet/cuda/pooling.cu)
 for _t, _suffix, _g in POOL_TYPES.values():
-    _line = ("kp_index", "kp_index", "kp_index")
-    KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_line, "int"))
-    KERNELS[f"corner_pool_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", *_line,
-                                                                 "int"))
-    KERNELS[f"line_max_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_line))
-    KERNELS[f"line_max_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", *_line))
+    KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES, "int"))
+    KERNELS[f"corner_pool_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", f"{_t}*",
+                                                                 "double*", "kp_index*", *_LINES, "int"))
+    KERNELS[f"line_max_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES))
+    KERNELS[f"line_max_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", "double*",
+                                                              "kp_index*", *_LINES))
 for _t, _suffix in PEAK_TYPES.values():
-    KERNELS[f"peak_scores_{_suffix}"] = ("decoding.cu", (f"const {_t}*", f"{_t}*", "kp_index", "int", "int", "int"))
+    KERNELS[f"peak_candidates_{_suffix}"] = ("decoding.cu", (f"const {_t}*", f"{_t}*", "kp_index*", "int", "int",
+                                                             "int", "int", "int", "int"))
 KERNELS["pair_scores_f32"] = ("decoding.cu", (
     "const float*", "const int*", "const float*", "const float*",
     "const float*", "const int*", "const float*", "const float*",
@@ -87,21 +89,48 @@ def launch(name: str, n_threads: int, args: list[Any], backend: str, device: tor
         raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-def _lines(x: Tensor, dim: int) -> tuple[int, int, int]:
-    """(number of lines, line length, element stride) of a contiguous (N, C, H, W) tensor scanned along dim."""
-    length = x.shape[dim]
-    inner = x.shape[3] if dim == 2 else 1
-    return x.numel() // length, length, inner
+# Rows per CPU thread in a W-scan (pooling.cu interleaves them four at a time in the backward pass).
+ROW_LANES = 16
 
 
-def corner_pool_forward(x: Tensor, direction: str, backend: str) -> Tensor:
-    """Corner pooling forward by kernel (kpnet/cuda/pooling.cu)."""
+def pool_lanes(backend: str, x: Tensor, dim: int) -> int:
+    """Lines per thread (pooling.cu): 1 on the GPU (adjacent threads, adjacent columns: coalesced loads);
+    on the CPU a whole plane's columns for H-scans (a contiguous, vectorized row loop) and ROW_LANES rows
+    for W-scans."""
+    if backend == "cuda":
+        return 1
+    return x.shape[3] if dim == 2 else ROW_LANES
+
+
+def _lines(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
+    """(n_planes, lines per plane, line length, line stride, element step) of a contiguous (N, C, H, W) tensor
+    scanned along dim (the layout pooling.cu describes)."""
+    n, c, h, w = x.shape
+    if dim == 2:
+        return n * c, w, h, 1, w
+    return 1, n * c * h, w, w, 1
+
+
+def _threads(lines: tuple[int, int, int, int, int], lanes: int) -> int:
+    n_planes, per_plane = lines[0], lines[1]
+    return n_planes * -(-per_plane // lanes)
+
+
+def _scratch(x: Tensor, lines: tuple[int, int, int, int, int], lanes: int) -> list[Tensor]:
+    """Per-line float64 sums and argmax positions, for threads that interleave several lines."""
+    n = lines[0] * lines[1] if lanes > 1 else 1
+    return [torch.empty(n, dtype=torch.float64, device=x.device), torch.empty(n, dtype=torch.int64, device=x.device)]
+
+
+def corner_pool_forward(x: Tensor, direction: str, backend: str, lanes: int | None = None) -> Tensor:
+    """Corner pooling forward by kernel (kpnet/cuda/pooling.cu); `lanes` overrides pool_lanes (tests)."""
     dim, reverse = _SCAN[direction]
     x = x.contiguous()
     out = torch.empty_like(x)
-    n_lines, length, inner = _lines(x, dim)
-    launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", n_lines, [x, out, n_lines, length, inner, int(reverse)],
-           backend, x.device)
+    lanes = lanes or pool_lanes(backend, x, dim)
+    lines = _lines(x, dim)
+    launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
+           [x, out, *lines, lanes, int(reverse)], backend, x.device)
     return out
 
 
@@ -110,46 +139,60 @@ def _grad_buffer(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=grad_dtype, device=x.device)
 
 
-def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str) -> Tensor:
+def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, lanes: int | None = None) -> Tensor:
     """Corner pooling backward by kernel: recompute the argmax from x, sum gradients in double."""
     dim, reverse = _SCAN[direction]
     x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
     grad_in = _grad_buffer(x)
-    n_lines, length, inner = _lines(x, dim)
-    launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", n_lines,
-           [x, grad, grad_in, n_lines, length, inner, int(reverse)], backend, x.device)
-    return grad_in.to(x.dtype)
-
-
-def line_max_forward(x: Tensor, dim: int, backend: str) -> Tensor:
-    """Full-line max broadcast, by kernel."""
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    n_lines, length, inner = _lines(x, dim)
-    launch(f"line_max_forward_{POOL_TYPES[x.dtype][1]}", n_lines, [x, out, n_lines, length, inner], backend, x.device)
-    return out
-
-
-def line_max_backward(x: Tensor, grad: Tensor, dim: int, backend: str) -> Tensor:
-    """Full-line max backward by kernel: each line's gradient sum (in double) goes to its argmax."""
-    x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
-    grad_in = _grad_buffer(x)
-    n_lines, length, inner = _lines(x, dim)
-    launch(f"line_max_backward_{POOL_TYPES[x.dtype][1]}", n_lines, [x, grad, grad_in, n_lines, length, inner],
+    lanes = lanes or pool_lanes(backend, x, dim)
+    lines = _lines(x, dim)
+    scratch = _scratch(x, lines, lanes)
+    launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
+           [x, grad, grad_in, torch.empty_like(scratch[0], dtype=x.dtype), *scratch, *lines, lanes, int(reverse)],
            backend, x.device)
     return grad_in.to(x.dtype)
 
 
-def peak_scores(heat: Tensor, kernel: int, backend: str) -> Tensor:
-    """Heat at kernel×kernel local maxima, 0 elsewhere, by kernel (kpnet/cuda/decoding.cu)."""
+def line_max_forward(x: Tensor, dim: int, backend: str, lanes: int | None = None) -> Tensor:
+    """Full-line max broadcast, by kernel."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lanes = lanes or pool_lanes(backend, x, dim)
+    lines = _lines(x, dim)
+    launch(f"line_max_forward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes), [x, out, *lines, lanes], backend,
+           x.device)
+    return out
+
+
+def line_max_backward(x: Tensor, grad: Tensor, dim: int, backend: str, lanes: int | None = None) -> Tensor:
+    """Full-line max backward by kernel: each line's gradient sum (in double) goes to its argmax."""
+    x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
+    grad_in = _grad_buffer(x)
+    lanes = lanes or pool_lanes(backend, x, dim)
+    lines = _lines(x, dim)
+    launch(f"line_max_backward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
+           [x, grad, grad_in, *_scratch(x, lines, lanes), *lines, lanes], backend, x.device)
+    return grad_in.to(x.dtype)
+
+
+def peak_candidates(heat: Tensor, k: int, kernel: int, backend: str, rows: int | None = None) -> tuple[Tensor, Tensor]:
+    """Each (B, M) candidate list of kernel×kernel peak scores (0 off-peak) and their flat (c, y, x) indices,
+    by kernel (decoding.cu): per block of rows its top min(k, block size), so the stable top-k of the
+    candidates in order is the top-k of the masked heatmap. Rows per thread: 1 on the GPU, the map on the CPU
+    (`rows`, 1 or H, overrides it for tests)."""
     heat = heat.contiguous()
     if heat.numel() >= 2**31:
         raise ValueError(f"heatmap of {heat.numel()} elements exceeds the peak kernel's 32-bit indexing")
-    out = torch.empty_like(heat)
     b, c, h, w = heat.shape
-    launch(f"peak_scores_{PEAK_TYPES[heat.dtype][1]}", heat.numel(), [heat, out, b * c, h, w, kernel // 2],
-           backend, heat.device)
-    return out
+    rows = rows or (1 if backend == "cuda" else h)
+    cap = min(k, rows * w)
+    n_threads = b * c * (h // rows)
+    scores = torch.empty(n_threads * cap, dtype=heat.dtype, device=heat.device)
+    index = torch.empty(n_threads * cap, dtype=torch.int64, device=heat.device)
+    launch(f"peak_candidates_{PEAK_TYPES[heat.dtype][1]}", n_threads,
+           [heat, scores, index, b * c, h, w, kernel // 2, rows, cap], backend, heat.device)
+    image_start = torch.arange(b, device=heat.device).unsqueeze(1) * (c * h * w)
+    return scores.view(b, -1), index.view(b, -1) - image_start
 
 
 def pair_scores(

@@ -1,21 +1,36 @@
 // Corner pooling (CornerNet §3.4, REFERENCE §1.3) and full-line max (center pooling, REFERENCE §1.5).
-// One thread per scan line. A tensor (N, C, H, W) is viewed as lines of `length` elements `inner`
-// apart: H-scans (top/bottom) have inner = W and adjacent threads walk adjacent columns, so loads
-// coalesce; W-scans (left/right) have inner = 1. `reverse` scans from the high end (top, left).
-// Tie/NaN/gradient rules: kpnet/ops/pooling.py. Gradients accumulate in double in scan order.
+// A launch views a contiguous (N, C, H, W) tensor as `n_planes` planes of `lines` scan lines of
+// `length` elements: line l of plane q starts at q·lines·length + l·line_stride and its elements are
+// `step` apart. H-scans (top/bottom) have one plane per (n, c), lines = W, line_stride = 1, step = W;
+// W-scans (left/right) have one plane, lines = N·C·H, line_stride = W, step = 1. `reverse` scans from
+// the high end (top, left).
+// Each thread owns `lanes` adjacent lines, chosen by the launch layer (kpnet/cuda/launch.py): on the
+// GPU lanes = 1, so adjacent threads walk adjacent columns and loads coalesce; the CPU emulator gives
+// a thread a whole plane's columns (a contiguous inner loop over a row that g++ vectorizes) or a
+// block of rows (independent accumulation chains). Either way a thread's outputs are its own.
+// Tie/NaN/gradient rules: kpnet/ops/pooling.py. Gradients accumulate in double in scan order; with
+// lanes > 1 the per-line running sums and argmax positions live in `acc`/`arg` (one slot per line).
 #include "kpnet_types.cuh"
 
-__device__ __forceinline__ kp_index kp_line_base(kp_index line, kp_index length, kp_index inner) {
-    return (line / inner) * (length * inner) + (line % inner);
+// The lines this thread owns: global index of the first, how many, and the offset of the first's start.
+__device__ __forceinline__ bool kp_thread_lines(kp_index n_planes, kp_index lines, kp_index length,
+                                                kp_index line_stride, kp_index lanes, kp_index* first,
+                                                kp_index* count, kp_index* start) {
+    kp_index t = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
+    kp_index per_plane = (lines + lanes - 1) / lanes;
+    if (t >= n_planes * per_plane) return false;
+    kp_index plane = t / per_plane;
+    kp_index l0 = (t - plane * per_plane) * lanes;
+    *first = plane * lines + l0;
+    *count = lines - l0 < lanes ? lines - l0 : lanes;
+    *start = plane * lines * length + l0 * line_stride;
+    return true;
 }
 
+// One line scanned with the running max in a register (GPU threads; W-scans on the CPU).
 template <typename T>
-__device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* __restrict__ out,
-                                                    kp_index n_lines, kp_index length, kp_index inner, int reverse) {
-    kp_index line = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
-    if (line >= n_lines) return;
-    kp_index step = reverse ? -inner : inner;
-    kp_index p = kp_line_base(line, length, inner) + (reverse ? (length - 1) * inner : 0);
+__device__ __forceinline__ void running_max_line(const T* __restrict__ x, T* __restrict__ out, kp_index p,
+                                                 kp_index length, kp_index step) {
     T best = x[p];
     out[p] = best;
     for (kp_index t = 1; t < length; ++t) {
@@ -26,89 +41,282 @@ __device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* 
     }
 }
 
-template <typename T, typename G>
-__device__ __forceinline__ void running_max_backward(const T* __restrict__ x, const T* __restrict__ grad_out,
-                                                     G* __restrict__ grad_in, kp_index n_lines, kp_index length,
-                                                     kp_index inner, int reverse) {
-    kp_index line = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
-    if (line >= n_lines) return;
-    kp_index step = reverse ? -inner : inner;
-    kp_index p = kp_line_base(line, length, inner) + (reverse ? (length - 1) * inner : 0);
-    kp_index arg = p;
-    double acc = 0.0;
-    acc += (double)kp_widen(grad_out[p]);
-    auto best = kp_widen(x[p]);
-    for (kp_index t = 1; t < length; ++t) {
-        p += step;
-        auto v = kp_widen(x[p]);
-        if (kp_takes_max(v, best)) {
-            grad_in[arg] = (G)acc;
-            best = v;
-            arg = p;
-            acc = 0.0;
+// One contiguous line (step DIR = ±1, known at compile time): blocks of KP_BLOCK elements that all stay
+// below the running max (the common case once a line has been scanned a little) are tested branch-free
+// and written as one vectorized fill; other blocks take the element-by-element scan.
+#define KP_BLOCK 8
+template <int DIR, typename T>
+__device__ __forceinline__ void running_max_contiguous(const T* __restrict__ x, T* __restrict__ out, kp_index p,
+                                                       kp_index length) {
+    T best = x[p];
+    out[p] = best;
+    kp_index t = 1;
+    for (; t + KP_BLOCK <= length; t += KP_BLOCK) {
+        const T* __restrict__ xs = x + p + DIR * t;
+        T* __restrict__ os = out + p + DIR * t;
+        auto b = kp_widen(best);
+        int any = 0;
+        for (int k = 0; k < KP_BLOCK; ++k) any |= (int)kp_takes_max_select(kp_widen(xs[DIR * k]), b);
+        if (!any) {
+            for (int k = 0; k < KP_BLOCK; ++k) os[DIR * k] = best;
         } else {
-            grad_in[p] = (G)0.0;
+            for (int k = 0; k < KP_BLOCK; ++k) {
+                T v = xs[DIR * k];
+                if (kp_takes_max(kp_widen(v), kp_widen(best))) best = v;
+                os[DIR * k] = best;
+            }
         }
-        acc += (double)kp_widen(grad_out[p]);
     }
-    grad_in[arg] = (G)acc;
+    for (; t < length; ++t) {
+        T v = x[p + DIR * t];
+        if (kp_takes_max(kp_widen(v), kp_widen(best))) best = v;
+        out[p + DIR * t] = best;
+    }
+}
+
+// Adjacent columns, rows outer: the previous output row is the running max, so no per-line state.
+template <typename T>
+__device__ __forceinline__ void running_max_rows(const T* __restrict__ x, T* __restrict__ out, kp_index p,
+                                                 kp_index count, kp_index length, kp_index step) {
+    for (kp_index i = 0; i < count; ++i) out[p + i] = x[p + i];
+    for (kp_index t = 1; t < length; ++t) {
+        const T* __restrict__ prev = out + p;
+        p += step;
+        const T* __restrict__ row = x + p;
+        T* __restrict__ dst = out + p;
+        for (kp_index i = 0; i < count; ++i) {
+            T v = row[i], best = prev[i];
+            dst[i] = kp_takes_max_select(kp_widen(v), kp_widen(best)) ? v : best;
+        }
+    }
 }
 
 template <typename T>
-__device__ __forceinline__ void line_max_forward(const T* __restrict__ x, T* __restrict__ out, kp_index n_lines,
-                                                 kp_index length, kp_index inner) {
-    kp_index line = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
-    if (line >= n_lines) return;
-    kp_index base = kp_line_base(line, length, inner);
-    T best = x[base];
-    for (kp_index t = 1; t < length; ++t) {
-        T v = x[base + t * inner];
-        if (kp_takes_max(kp_widen(v), kp_widen(best))) best = v;
+__device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* __restrict__ out, kp_index n_planes,
+                                                    kp_index lines, kp_index length, kp_index line_stride,
+                                                    kp_index step, kp_index lanes, int reverse) {
+    kp_index first, count, start;
+    if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
+    if (reverse) {
+        start += (length - 1) * step;
+        step = -step;
     }
-    for (kp_index t = 0; t < length; ++t) out[base + t * inner] = best;
+    if (line_stride == 1 && count > 1) {
+        running_max_rows<T>(x, out, start, count, length, step);
+    } else if (count > 1 && (step == 1 || step == -1)) {
+        for (kp_index i = 0; i < count; ++i) {
+            if (step == 1) running_max_contiguous<1, T>(x, out, start + i * line_stride, length);
+            else running_max_contiguous<-1, T>(x, out, start + i * line_stride, length);
+        }
+    } else {
+        for (kp_index i = 0; i < count; ++i) running_max_line<T>(x, out, start + i * line_stride, length, step);
+    }
+}
+
+// R lines scanned together with their state in registers: R independent float64 sums in flight.
+template <int R, typename T, typename G>
+__device__ __forceinline__ void running_max_backward_lines(const T* __restrict__ x, const T* __restrict__ grad_out,
+                                                           G* __restrict__ grad_in, kp_index start,
+                                                           kp_index line_stride, kp_index length, kp_index step) {
+    decltype(kp_widen(x[0])) best[R];
+    double sum[R];
+    kp_index best_at[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        kp_index q = start + r * line_stride;
+        best[r] = kp_widen(x[q]);
+        best_at[r] = q;
+        sum[r] = (double)kp_widen(grad_out[q]);
+    }
+    for (kp_index t = 1; t < length; ++t) {
+        start += step;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            kp_index q = start + r * line_stride;
+            auto v = kp_widen(x[q]);
+            if (kp_takes_max(v, best[r])) {
+                grad_in[best_at[r]] = (G)sum[r];
+                best[r] = v;
+                best_at[r] = q;
+                sum[r] = 0.0;
+            } else {
+                grad_in[q] = (G)0.0;
+            }
+            sum[r] += (double)kp_widen(grad_out[q]);
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) grad_in[best_at[r]] = (G)sum[r];
+}
+
+// Adjacent columns, rows outer, each column's (best, sum, argmax) in its slot of best/acc/arg. A group
+// of KP_CHUNK columns first tests, branch-free (vectorized), whether any of them takes a new maximum in
+// this row; only then does it walk them one by one to hand the finished sums to their argmax.
+#define KP_CHUNK 8
+template <typename T, typename G>
+__device__ __forceinline__ void running_max_backward_rows(const T* __restrict__ x, const T* __restrict__ grad_out,
+                                                          G* __restrict__ grad_in, T* __restrict__ best,
+                                                          double* __restrict__ acc, kp_index* __restrict__ arg,
+                                                          kp_index start, kp_index count, kp_index length,
+                                                          kp_index step) {
+    for (kp_index i = 0; i < count; ++i) {
+        best[i] = x[start + i];
+        arg[i] = start + i;
+        acc[i] = (double)kp_widen(grad_out[start + i]);
+    }
+    kp_index p = start;
+    for (kp_index t = 1; t < length; ++t) {
+        p += step;
+        const T* __restrict__ row = x + p;
+        const T* __restrict__ g = grad_out + p;
+        G* __restrict__ dst = grad_in + p;
+        for (kp_index i0 = 0; i0 < count; i0 += KP_CHUNK) {
+            int n = count - i0 < KP_CHUNK ? (int)(count - i0) : KP_CHUNK;
+            int any = 0;
+            if (n == KP_CHUNK) {
+                for (int k = 0; k < KP_CHUNK; ++k)
+                    any |= (int)kp_takes_max_select(kp_widen(row[i0 + k]), kp_widen(best[i0 + k]));
+            } else {
+                any = 1;
+            }
+            if (any) {
+                for (int k = 0; k < n; ++k) {
+                    kp_index i = i0 + k;
+                    if (kp_takes_max(kp_widen(row[i]), kp_widen(best[i]))) {
+                        grad_in[arg[i]] = (G)acc[i];
+                        best[i] = row[i];
+                        arg[i] = p + i;
+                        acc[i] = 0.0;
+                    }
+                }
+            }
+            for (int k = 0; k < n; ++k) {
+                acc[i0 + k] += (double)kp_widen(g[i0 + k]);
+                dst[i0 + k] = (G)0.0;
+            }
+        }
+    }
+    for (kp_index i = 0; i < count; ++i) grad_in[arg[i]] = (G)acc[i];
+}
+
+template <typename T, typename G>
+__device__ __forceinline__ void running_max_backward(const T* __restrict__ x, const T* __restrict__ grad_out,
+                                                     G* __restrict__ grad_in, T* __restrict__ best,
+                                                     double* __restrict__ acc, kp_index* __restrict__ arg,
+                                                     kp_index n_planes, kp_index lines, kp_index length,
+                                                     kp_index line_stride, kp_index step, kp_index lanes,
+                                                     int reverse) {
+    kp_index first, count, start;
+    if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
+    if (reverse) {
+        start += (length - 1) * step;
+        step = -step;
+    }
+    if (line_stride == 1 && count > 1) {
+        running_max_backward_rows<T, G>(x, grad_out, grad_in, best + first, acc + first, arg + first, start, count,
+                                        length, step);
+        return;
+    }
+    kp_index i = 0;
+    for (; i + 4 <= count; i += 4)
+        running_max_backward_lines<4, T, G>(x, grad_out, grad_in, start + i * line_stride, line_stride, length, step);
+    for (; i < count; ++i)
+        running_max_backward_lines<1, T, G>(x, grad_out, grad_in, start + i * line_stride, line_stride, length, step);
+}
+
+template <typename T>
+__device__ __forceinline__ void line_max_forward(const T* __restrict__ x, T* __restrict__ out, kp_index n_planes,
+                                                 kp_index lines, kp_index length, kp_index line_stride,
+                                                 kp_index step, kp_index lanes) {
+    kp_index first, count, start;
+    if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
+    if (line_stride == 1 && count > 1) {  // running max of the columns into the first row, then broadcast it
+        T* __restrict__ head = out + start;
+        for (kp_index i = 0; i < count; ++i) head[i] = x[start + i];
+        for (kp_index t = 1; t < length; ++t) {
+            const T* __restrict__ row = x + start + t * step;
+            for (kp_index i = 0; i < count; ++i) {
+                T v = row[i], best = head[i];
+                head[i] = kp_takes_max_select(kp_widen(v), kp_widen(best)) ? v : best;
+            }
+        }
+        for (kp_index t = 1; t < length; ++t) {
+            T* __restrict__ dst = out + start + t * step;
+            for (kp_index i = 0; i < count; ++i) dst[i] = head[i];
+        }
+        return;
+    }
+    for (kp_index i = 0; i < count; ++i) {
+        kp_index base = start + i * line_stride;
+        T best = x[base];
+        for (kp_index t = 1; t < length; ++t) {
+            T v = x[base + t * step];
+            if (kp_takes_max(kp_widen(v), kp_widen(best))) best = v;
+        }
+        for (kp_index t = 0; t < length; ++t) out[base + t * step] = best;
+    }
 }
 
 template <typename T, typename G>
 __device__ __forceinline__ void line_max_backward(const T* __restrict__ x, const T* __restrict__ grad_out,
-                                                  G* __restrict__ grad_in, kp_index n_lines, kp_index length,
-                                                  kp_index inner) {
-    kp_index line = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
-    if (line >= n_lines) return;
-    kp_index base = kp_line_base(line, length, inner);
-    kp_index arg = base;
-    auto best = kp_widen(x[base]);
-    double acc = 0.0;
-    acc += (double)kp_widen(grad_out[base]);
-    grad_in[base] = (G)0.0;
-    for (kp_index t = 1; t < length; ++t) {
-        kp_index p = base + t * inner;
-        auto v = kp_widen(x[p]);
-        if (kp_takes_max(v, best)) { best = v; arg = p; }
-        acc += (double)kp_widen(grad_out[p]);
-        grad_in[p] = (G)0.0;
+                                                  G* __restrict__ grad_in, double* __restrict__ acc,
+                                                  kp_index* __restrict__ arg, kp_index n_planes, kp_index lines,
+                                                  kp_index length, kp_index line_stride, kp_index step,
+                                                  kp_index lanes) {
+    kp_index first, count, start;
+    if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
+    if (count == 1) {
+        kp_index best_at = start;
+        auto best = kp_widen(x[start]);
+        double sum = (double)kp_widen(grad_out[start]);
+        grad_in[start] = (G)0.0;
+        for (kp_index t = 1; t < length; ++t) {
+            kp_index p = start + t * step;
+            auto v = kp_widen(x[p]);
+            if (kp_takes_max(v, best)) { best = v; best_at = p; }
+            sum += (double)kp_widen(grad_out[p]);
+            grad_in[p] = (G)0.0;
+        }
+        grad_in[best_at] = (G)sum;
+        return;
     }
-    grad_in[arg] = (G)acc;
+    double* __restrict__ a = acc + first;
+    kp_index* __restrict__ m = arg + first;
+    for (kp_index i = 0; i < count; ++i) {
+        kp_index q = start + i * line_stride;
+        m[i] = q;
+        a[i] = (double)kp_widen(grad_out[q]);
+        grad_in[q] = (G)0.0;
+    }
+    for (kp_index t = 1; t < length; ++t) {
+        for (kp_index i = 0; i < count; ++i) {
+            kp_index q = start + t * step + i * line_stride;
+            if (kp_takes_max(kp_widen(x[q]), kp_widen(x[m[i]]))) m[i] = q;
+            a[i] += (double)kp_widen(grad_out[q]);
+            grad_in[q] = (G)0.0;
+        }
+    }
+    for (kp_index i = 0; i < count; ++i) grad_in[m[i]] = (G)a[i];
 }
 
 // extern "C" entry points, one per storage type; 16-bit types write their gradient as double and the
 // launch layer rounds it with torch, exactly as the reference does.
-#define KP_POOLING_KERNELS(T, G, SUFFIX)                                                                        \
-    extern "C" __global__ void corner_pool_forward_##SUFFIX(const T* x, T* out, kp_index n_lines,               \
-                                                            kp_index length, kp_index inner, int reverse) {     \
-        running_max_forward<T>(x, out, n_lines, length, inner, reverse);                                        \
-    }                                                                                                           \
-    extern "C" __global__ void corner_pool_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in,         \
-                                                             kp_index n_lines, kp_index length, kp_index inner, \
-                                                             int reverse) {                                     \
-        running_max_backward<T, G>(x, grad_out, grad_in, n_lines, length, inner, reverse);                      \
-    }                                                                                                           \
-    extern "C" __global__ void line_max_forward_##SUFFIX(const T* x, T* out, kp_index n_lines, kp_index length,  \
-                                                         kp_index inner) {                                      \
-        line_max_forward<T>(x, out, n_lines, length, inner);                                                    \
-    }                                                                                                           \
-    extern "C" __global__ void line_max_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in,            \
-                                                          kp_index n_lines, kp_index length, kp_index inner) {  \
-        line_max_backward<T, G>(x, grad_out, grad_in, n_lines, length, inner);                                  \
+#define KP_LINES kp_index n_planes, kp_index lines, kp_index length, kp_index line_stride, kp_index step, kp_index lanes
+#define KP_LINE_ARGS n_planes, lines, length, line_stride, step, lanes
+#define KP_POOLING_KERNELS(T, G, SUFFIX)                                                                         \
+    extern "C" __global__ void corner_pool_forward_##SUFFIX(const T* x, T* out, KP_LINES, int reverse) {        \
+        running_max_forward<T>(x, out, KP_LINE_ARGS, reverse);                                                   \
+    }                                                                                                            \
+    extern "C" __global__ void corner_pool_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in, T* best, \
+                                                             double* acc, kp_index* arg, KP_LINES, int reverse) { \
+        running_max_backward<T, G>(x, grad_out, grad_in, best, acc, arg, KP_LINE_ARGS, reverse);                 \
+    }                                                                                                            \
+    extern "C" __global__ void line_max_forward_##SUFFIX(const T* x, T* out, KP_LINES) {                         \
+        line_max_forward<T>(x, out, KP_LINE_ARGS);                                                               \
+    }                                                                                                            \
+    extern "C" __global__ void line_max_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in,             \
+                                                          double* acc, kp_index* arg, KP_LINES) {                \
+        line_max_backward<T, G>(x, grad_out, grad_in, acc, arg, KP_LINE_ARGS);                                   \
     }
 
 KP_POOLING_KERNELS(float, float, f32)

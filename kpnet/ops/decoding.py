@@ -64,11 +64,12 @@ def heatmap_peaks(heat: Tensor, k: int, kernel: int = 3) -> tuple[Tensor, Tensor
         raise KpnetError("heatmap_peaks", f"k must be >= 0, got {k}")
     b, c, h, w = heat.shape
     choice = dispatch.choose(heat.device, heat.dtype in launch.PEAK_TYPES)
-    if choice.backend == "torch" or heat.numel() == 0:
-        masked = peak_scores(heat, kernel)
-    else:
-        masked = launch.peak_scores(heat, kernel, choice.backend)
-    scores, index = topk_stable(masked.reshape(b, c * h * w), k)
+    if choice.backend == "torch" or heat.numel() == 0 or k == 0:
+        scores, index = topk_stable(peak_scores(heat, kernel).reshape(b, c * h * w), k)
+    else:  # per-block candidate lists from one pass, then the same stable top-k over them
+        cand_scores, cand_index = launch.peak_candidates(heat, k, kernel, choice.backend)
+        scores, order = topk_stable(cand_scores, k)
+        index = torch.gather(cand_index, 1, order)
     classes = torch.div(index, h * w, rounding_mode="floor")
     ys = torch.div(index % (h * w), w, rounding_mode="floor")
     return scores, classes, ys, index % w

@@ -1,0 +1,146 @@
+"""`kpnet error-analysis`: COCO AP with chosen heads replaced by ground truth, in the papers' row order
+(objects as points Table 7, CornerNet Table 3, triplet Table 5)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich import box
+from rich.table import Table
+
+from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
+from kpnet.cli.train import SetOpt
+from kpnet.errors import KpnetError
+
+# Per family: the replacement rows after the baseline, in the paper's order with the paper's row names
+# (heads in the family's HEADS order), ending with every head replaced.
+CORNER_HEADS = ("tl_heat", "br_heat", "tl_tag", "br_tag", "tl_regr", "br_regr")
+EVERYTHING = "w/ gt all heads"  # not in the paper
+PAPER_ROWS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
+    "centernet_points": (  # objects as points Table 7
+        (("wh",), "w/ gt size"),
+        (("hm",), "w/ gt heatmap"),
+        (("hm", "wh"), "w/ gt heatmap+size"),
+        (("hm", "wh", "reg"), "w/ gt hm.+size+offset"),
+    ),
+    "cornernet": (  # CornerNet Table 3
+        (("tl_heat", "br_heat"), "w/ gt heatmaps"),
+        (("tl_heat", "br_heat", "tl_regr", "br_regr"), "w/ gt heatmaps + offsets"),
+        (CORNER_HEADS, EVERYTHING),
+    ),
+    "centernet_triplet": (  # triplet Table 5
+        (("ct_heat", "ct_regr"), "w/ gt center keypoints"),
+        ((*CORNER_HEADS, "ct_heat", "ct_regr"), EVERYTHING),
+    ),
+}
+AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+HELP = (
+    "COCO bbox AP with chosen heads replaced by ground truth, in the papers' row order.\n\n"
+    "As in objects as points Table 7, CornerNet Table 3 and triplet Table 5, the gap between rows says "
+    "which head limits the detector.\n\n"
+    "Rows: the baseline (nothing replaced, equal to `kpnet eval`), then the paper's rows for the recipe's "
+    "family, ending with every head replaced -- for centernet_points: wh (size), hm (heatmap), hm+wh, "
+    "hm+wh+reg (offset); for cornernet: heatmaps, heatmaps+offsets, all; for centernet_triplet: centre "
+    "keypoints (ct_heat+ct_regr), all. --replace GROUP "
+    "(heads joined by ',' or '+', repeatable) evaluates those rows instead, after the baseline."
+)
+
+
+def parse_groups(groups: list[str], heads: tuple[str, ...], family: str) -> list[tuple[str, ...]]:
+    """`--replace` values -> head tuples in the family's head order; unknown heads stop with exit 2."""
+    rows: list[tuple[str, ...]] = []
+    for text in groups:
+        names = [n for n in re.split(r"[,+\s]+", text) if n]
+        if not names:
+            raise KpnetError("--replace", f"empty head group {text!r}; valid heads for {family}: {', '.join(heads)}")
+        unknown = [n for n in names if n not in heads]
+        if unknown:
+            raise KpnetError("--replace", f"unknown head {unknown[0]!r} for family {family}; valid heads: {', '.join(heads)}")
+        row = tuple(h for h in heads if h in names)
+        if row not in rows:
+            rows.append(row)
+    return rows
+
+
+def row_label(replace: tuple[str, ...], family: str) -> str:
+    """The paper's name of a row ('baseline', 'w/ gt heatmap+size'), or 'w/ gt' and the heads for other rows."""
+    if not replace:
+        return "baseline"
+    named = dict(PAPER_ROWS.get(family, ()))
+    return named.get(replace, "w/ gt " + "+".join(replace))
+
+
+def _table(doc: dict[str, Any]) -> Table:
+    table = Table(title=f"{doc['family']} on {doc['split']} ({doc['images']} images): heads replaced by ground truth",
+                  caption="COCO bbox AP in %; - where no object has that size",
+                  box=box.SIMPLE_HEAD, collapse_padding=True)
+    table.add_column("row", no_wrap=True)
+    for key in AP_KEYS:
+        table.add_column(key, justify="right", min_width=5, no_wrap=True)
+    for row in doc["rows"]:
+        figures = (f"{100 * row['bbox'][k]:.1f}" if row["bbox"][k] >= 0 else "-" for k in AP_KEYS)
+        table.add_row(row["label"], *figures)
+    return table
+
+
+def error_analysis_command(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML of the checkpoint's model.")],
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="Checkpoint to analyse.")],
+    replace: Annotated[list[str] | None, typer.Option(
+        "--replace", help="Heads to replace in one row, e.g. hm,wh (repeatable; default: the paper's rows).")] = None,
+    overrides: SetOpt = None,
+    split: Annotated[str, typer.Option("--split", help="train or val.")] = "val",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """AP with heads replaced by ground truth, one row per head group (objects as points Table 7)."""
+
+    def body(o: Output) -> dict[str, Any]:
+        from rich.progress import Progress
+
+        from kpnet import evaluation
+        from kpnet.analysis.error_analysis import predict_with_replacement
+        from kpnet.api import load_checkpoint
+        from kpnet.config import load_recipe
+        from kpnet.data.dataset import load_index
+        from kpnet.engine.train import check_classes, data_paths
+        from kpnet.models import family_of
+
+        if device not in ("cpu", "cuda"):
+            raise KpnetError("--device", f"expected cpu or cuda, got {device!r}")
+        r = load_recipe(recipe, list(overrides or []))
+        heads = tuple(family_of(r).HEADS)
+        if not replace and r.family not in PAPER_ROWS:
+            raise KpnetError(recipe, f"no paper rows known for family {r.family!r}; choose rows with --replace GROUP")
+        rows = [()] + (parse_groups(replace, heads, r.family) if replace else [g for g, _ in PAPER_ROWS[r.family]])
+        ann_file, image_root = data_paths(r, split)
+        index = load_index(ann_file, image_root)
+        check_classes(len(index.cat_ids), r, ann_file)
+        model = load_checkpoint(checkpoint, recipe=r, device=device)
+        doc: dict[str, Any] = {"recipe": str(recipe), "checkpoint": str(checkpoint), "split": split,
+                               "family": r.family, "images": len(index.image_ids), "rows": []}
+        with Progress(console=o.err, transient=True) as bar:
+            task = bar.add_task("error analysis", total=len(rows))
+            for row in rows:
+                bar.update(task, description=row_label(row, r.family))
+                # With every head replaced the network is not needed: the row is the same without it.
+                net = None if set(row) == set(heads) else model
+                results = predict_with_replacement(r, index, set(row), net, r.data.num_workers)
+                dets = evaluation.load_dets(results, index.coco, source=f"predictions ({row_label(row, r.family)})")
+                stats = evaluation.stats_dict(evaluation.evaluate_bbox(index.coco, dets))
+                doc["rows"].append({"replace": list(row), "label": row_label(row, r.family),
+                                    "bbox": {k: stats[k] for k in AP_KEYS}})
+                bar.advance(task)
+        o.print(_table(doc))
+        return doc
+
+    run(json_out, debug, body)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("error-analysis", help=HELP)(error_analysis_command)

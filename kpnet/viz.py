@@ -1,0 +1,163 @@
+"""What the heads see, drawn over the image: detections with class names and scores, ground truth
+in its own colour, and each heat head (sigmoid, max over classes) mapped back to image pixels
+through the test pipeline's resize-and-border mapping (REFERENCE §4.6).
+
+Every overlay is one function `image -> image` built from `draw_boxes` or `blend_heat`, so a new
+kind (e.g. the triplet central regions) is one more function beside these.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kpnet.config import Recipe
+from kpnet.engine.inference import detect_with_heads, network_heads
+from kpnet.models import family_of
+
+# Per family: the heads that are class heatmaps (logits), drawn by `--heatmaps`.
+HEAT_HEADS: dict[str, tuple[str, ...]] = {
+    "centernet_points": ("hm",),
+    "cornernet": ("tl_heat", "br_heat"),
+    "centernet_triplet": ("tl_heat", "br_heat", "ct_heat"),
+}
+
+GT_COLOUR = (0, 255, 0)  # BGR green; the detection palette below has no pure green
+PALETTE = (
+    (0, 0, 255), (255, 128, 0), (255, 0, 255), (0, 200, 255), (255, 255, 0), (128, 0, 255),
+    (0, 128, 255), (255, 0, 128), (128, 128, 255), (200, 120, 60), (60, 60, 200), (180, 0, 180),
+)
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+
+
+def class_colour(cls: int) -> tuple[int, int, int]:
+    """A fixed BGR colour per contiguous class index."""
+    return PALETTE[cls % len(PALETTE)]
+
+
+def line_thickness(height: int, width: int) -> int:
+    """Box outline width in pixels: 1 up to 480 px, growing with the image."""
+    return max(1, round(max(height, width) / 480))
+
+
+def draw_boxes(
+    image: np.ndarray, boxes: np.ndarray, labels: Sequence[str], colours: Sequence[tuple[int, int, int]]
+) -> np.ndarray:
+    """A copy of a BGR image with x1, y1, x2, y2 boxes outlined and each label on a filled tag at its top-left."""
+    out = image.copy()
+    h, w = out.shape[:2]
+    thick = line_thickness(h, w)
+    scale = 0.4 * thick
+    for (x1, y1, x2, y2), label, colour in zip(np.asarray(boxes, np.float64).reshape(-1, 4), labels, colours, strict=True):
+        p1 = (int(round(min(x1, x2))), int(round(min(y1, y2))))
+        p2 = (int(round(max(x1, x2))), int(round(max(y1, y2))))
+        cv2.rectangle(out, p1, p2, colour, thick)
+        if not label:
+            continue
+        (tw, th), base = cv2.getTextSize(label, FONT, scale, 1)
+        top = p1[1] - th - base - 2 if p1[1] - th - base - 2 >= 0 else p1[1]  # above the box, or inside at the top edge
+        cv2.rectangle(out, (p1[0], top), (p1[0] + tw + 2, top + th + base + 2), colour, -1)
+        ink = (0, 0, 0) if sum(colour) > 380 else (255, 255, 255)
+        cv2.putText(out, label, (p1[0] + 1, top + th + 1), FONT, scale, ink, 1, cv2.LINE_AA)
+    return out
+
+
+def draw_detections(image: np.ndarray, dets: Tensor | np.ndarray, class_names: Sequence[str]) -> np.ndarray:
+    """Detections (N, 6) x1, y1, x2, y2, score, class as boxes coloured by class, labelled 'name score'."""
+    d = np.asarray(dets, np.float64).reshape(-1, 6)
+    classes = d[:, 5].astype(int)
+    labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(classes, d[:, 4], strict=True)]
+    return draw_boxes(image, d[:, :4], labels, [class_colour(c) for c in classes])
+
+
+def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+    """Ground-truth x1, y1, x2, y2 boxes in GT_COLOUR, labelled with their class names."""
+    return draw_boxes(image, boxes, labels, [GT_COLOUR] * len(labels))
+
+
+def heat_to_image(heat: np.ndarray, meta: dict[str, float], down: float) -> np.ndarray:
+    """An output-grid map resampled to original image pixels: image x -> grid (x·scale + border_x)/down.
+
+    The inverse of the box mapping of `kpnet.engine.inference.to_image_coords`.
+    """
+    s = meta["scale"] / down
+    grid_from_image = np.array([[s, 0.0, meta["border_x"] / down], [0.0, s, meta["border_y"] / down]], np.float64)
+    size = (int(meta["width"]), int(meta["height"]))
+    return cv2.warpAffine(heat.astype(np.float32), grid_from_image, size,
+                          flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0.0)
+
+
+def blend_heat(image: np.ndarray, heat: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """A [0, 1] map of the image's size, colour-mapped (JET) and blended over the BGR image."""
+    coloured = cv2.applyColorMap(np.clip(heat * 255.0 + 0.5, 0, 255).astype(np.uint8), cv2.COLORMAP_JET)
+    return cv2.addWeighted(image, 1.0 - alpha, coloured, alpha, 0.0)
+
+
+def class_max_heat(logits: Tensor) -> np.ndarray:
+    """A heat head's (C, H, W) logits -> (H, W) sigmoid probability, max over classes."""
+    return logits.float().sigmoid().amax(dim=0).cpu().numpy()
+
+
+@dataclass
+class Inference:
+    """One image through the test pipeline: detections in image pixels, and the heads of the
+    scale nearest 1 (unflipped copy) with the meta and stride that map them back."""
+
+    dets: Tensor
+    heads: dict[str, Tensor]
+    meta: dict[str, float]
+    down: float
+
+
+@torch.no_grad()
+def infer(model: nn.Module, image: np.ndarray) -> Inference:
+    """Run the model's test pipeline once, keeping the raw heads for the heatmap overlays."""
+    model.eval()
+    seen: list[tuple[dict[str, Tensor], dict[str, float], float]] = []
+    net = network_heads(model)
+
+    def recording(batch: Tensor, meta: dict[str, float]) -> dict[str, Tensor]:
+        outputs = net(batch, meta)
+        seen.append(({k: v[0] for k, v in outputs.items()}, meta, batch.shape[-1] / next(iter(outputs.values())).shape[-1]))
+        return outputs
+
+    dets = detect_with_heads(recording, family_of(model.recipe), image, model.recipe.test)
+    heads, meta, down = min(seen, key=lambda s: abs(s[1]["scale"] - 1.0))
+    return Inference(dets, heads, meta, down)
+
+
+def heat_overlays(image: np.ndarray, inference: Inference, heads: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per heat head: its class-max probability blended over the image."""
+    return {
+        name: blend_heat(image, heat_to_image(class_max_heat(inference.heads[name]), inference.meta, inference.down))
+        for name in heads
+    }
+
+
+def class_names_for(recipe: Recipe) -> tuple[list[str], str | None, str]:
+    """Names of the model's classes (its data's categories by sorted id), the file they came from, and
+    why not: the recipe's val, then train annotation file is read; when neither is readable or the
+    count differs from model.num_classes the names are 'class N', the file None and the reason given.
+    """
+    n = recipe.model.num_classes
+    root = Path(recipe.data.root)
+    tried = []
+    for ann in (root / recipe.data.val_ann, root / recipe.data.train_ann):
+        try:
+            with open(ann, encoding="utf-8") as f:
+                cats = json.load(f)["categories"]
+            names = [str(c["name"]) for c in sorted(cats, key=lambda c: c["id"])]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            tried.append(f"{ann} ({type(e).__name__})")
+            continue
+        if len(names) == n:
+            return names, str(ann), ""
+        tried.append(f"{ann} ({len(names)} categories, the model has {n})")
+    return [f"class {i}" for i in range(n)], None, "no class names in " + "; ".join(tried)

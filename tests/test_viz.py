@@ -1,0 +1,240 @@
+"""`kpnet visualize` / `viz`: PNGs read back and compared with the source image (size, pixels changed on
+the drawn boxes and nowhere far from them), heatmap overlays and their mapping back to image pixels,
+ground-truth browsing on coco_tiny, the newest-checkpoint rule, exit codes and JSON-only stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from kpnet.cli import app
+from kpnet.data.shapes import CLASS_NAMES
+from kpnet.data import transforms
+from kpnet.viz import GT_COLOUR, heat_to_image
+
+from conftest import REPO, run_cli
+
+DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+COCO_VAL = DATA / "coco_tiny" / "annotations" / "instances_val2017.json"
+COCO_VAL_IMAGES = DATA / "coco_tiny" / "val2017"
+TAG_W, TAG_H = 110, 18  # room for a label tag at a box's top-left (above it, or inside at the image top)
+
+
+def save_untrained(path: Path, overrides: list[str]) -> Path:
+    """An untrained quickstart model (3 detections per image, constant 24-pixel boxes) as a checkpoint."""
+    from kpnet.config import load_recipe
+    from kpnet.engine.checkpoint import save_checkpoint
+    from kpnet.models import build_model
+
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
+        "model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16", "test.k=3", *overrides])
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    with torch.no_grad():
+        model.wh[0][-1].weight.zero_()
+        model.wh[0][-1].bias.fill_(6.0)
+    return save_checkpoint(path, model, recipe)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from kpnet.data.shapes import make_shapes
+
+    root = tmp_path_factory.mktemp("viz")
+    make_shapes(root / "shapes", num_train=8, num_val=6, image_size=128, seed=1)
+    big = cv2.resize(cv2.imread(str(root / "shapes" / "val" / "000004.jpg")), (384, 320))
+    cv2.imwrite(str(root / "big.png"), big)
+    ckpt = save_untrained(root / "ckpt.pt", [f"data.root={root / 'shapes'}"])
+    return {"root": root, "ckpt": ckpt, "big": root / "big.png", "shapes": root / "shapes"}
+
+
+def changed(path: str | Path, source: np.ndarray) -> np.ndarray:
+    drawn = cv2.imread(str(path))
+    assert drawn.shape == source.shape  # the PNG has the input's size
+    return (drawn != source).any(axis=2)
+
+
+def outline(box: list[float], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Pixel coordinates (ys, xs) of a box's rounded outline, inside the image."""
+    h, w = shape[:2]
+    x1, y1, x2, y2 = (int(round(v)) for v in box)
+    x1, x2, y1, y2 = max(x1, 0), min(x2, w - 1), max(y1, 0), min(y2, h - 1)
+    xs = np.r_[np.arange(x1, x2 + 1), np.arange(x1, x2 + 1), np.full(y2 - y1 + 1, x1), np.full(y2 - y1 + 1, x2)]
+    ys = np.r_[np.full(x2 - x1 + 1, y1), np.full(x2 - x1 + 1, y2), np.arange(y1, y2 + 1), np.arange(y1, y2 + 1)]
+    return ys, xs
+
+
+def near_boxes(boxes: list[list[float]], shape: tuple[int, ...], pad: int = 3) -> np.ndarray:
+    """Where drawing may touch: each box grown by `pad`, plus a label tag's room at its top-left."""
+    mask = np.zeros(shape[:2], bool)
+    for x1, y1, x2, y2 in boxes:
+        x1, y1, x2, y2 = int(min(x1, x2)), int(min(y1, y2)), int(np.ceil(max(x1, x2))), int(np.ceil(max(y1, y2)))
+        mask[max(y1 - pad, 0) : y2 + pad + 1, max(x1 - pad, 0) : x2 + pad + 1] = True
+        mask[max(y1 - TAG_H - pad, 0) : y1 + TAG_H + pad + 1, max(x1 - pad, 0) : x1 + TAG_W] = True
+    return mask
+
+
+def assert_drawn_only_at(diff: np.ndarray, boxes: list[list[float]]) -> None:
+    allowed = near_boxes(boxes, diff.shape)
+    assert allowed.mean() < 0.7, "boxes cover the image: the 'nowhere else' check would prove nothing"
+    assert not (diff & ~allowed).any(), f"{int((diff & ~allowed).sum())} pixels changed far from every box"
+    for box in boxes:
+        ys, xs = outline(box, diff.shape)
+        assert diff[ys, xs].mean() > 0.9, f"box {box} outline not drawn"
+
+
+def test_detections_drawn_on_boxes_and_nowhere_else(setup: dict[str, Path], tmp_path: Path) -> None:
+    small = setup["shapes"] / "val" / "000002.jpg"
+    proc = run_cli("viz", str(setup["big"]), str(small), "--checkpoint", str(setup["ckpt"]),
+                   "--score-thresh", "0", "--out", str(tmp_path / "out"), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)  # nothing but one JSON document on stdout
+    assert doc["class_names_from"].endswith("instances_val.json")
+    assert doc["files"] == [str(tmp_path / "out" / "big_det.png"), str(tmp_path / "out" / "000002_det.png")]
+    for entry in doc["images"]:
+        source = cv2.imread(entry["image"])
+        assert entry["size"] == [source.shape[1], source.shape[0]]
+        assert len(entry["detections"]) == 3 and entry["gt"] is None
+        assert all(d["name"] == CLASS_NAMES[d["class"]] and 0 <= d["score"] <= 1 for d in entry["detections"])
+        diff = changed(entry["files"][0], source)
+        if entry["image"] == str(setup["big"]):
+            assert_drawn_only_at(diff, [d["bbox"] for d in entry["detections"]])
+        else:
+            assert diff.any()
+
+
+def test_ground_truth_overlay_and_heatmaps(setup: dict[str, Path], tmp_path: Path) -> None:
+    image = setup["shapes"] / "val" / "000003.jpg"
+    ann = setup["shapes"] / "annotations" / "instances_val.json"
+    recipe = ["--recipe", str(REPO / "recipes" / "quickstart.yaml"), "--set", f"data.root={setup['shapes']}",
+              "--set", "model.width=8", "--set", "model.up_channels=[16,16,16]", "--set", "model.head_conv=16"]
+    result = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(setup["ckpt"]), *recipe, "--gt", str(ann),
+                                      "--score-thresh", "1", "--heatmaps", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["recipe"] == recipe[1] and doc["class_names_from"].endswith("instances_val.json")
+    entry = doc["images"][0]
+    assert entry["files"] == [str(tmp_path / "000003_det.png"), str(tmp_path / "000003_heat_hm.png")]
+    assert entry["detections"] == []  # an untrained model scores ~0.1 < 1
+    gt = json.loads(ann.read_text())
+    image_id = next(i["id"] for i in gt["images"] if Path(i["file_name"]).name == image.name)
+    boxes = [[x, y, x + w, y + h] for a in gt["annotations"] if a["image_id"] == image_id for x, y, w, h in [a["bbox"]]]
+    assert entry["gt"] == len(boxes) > 0
+    source = cv2.imread(str(image))
+    drawn = cv2.imread(entry["files"][0])
+    assert drawn.shape == source.shape
+    green = (drawn == np.array(GT_COLOUR, np.uint8)).all(axis=2)
+    for box in boxes:
+        ys, xs = outline(box, source.shape)
+        assert green[ys, xs].mean() > 0.6, f"ground truth {box} not drawn in the GT colour"
+    heat = cv2.imread(entry["files"][1])
+    assert heat.shape == source.shape
+    assert np.abs(heat.astype(int) - source.astype(int)).mean() > 10
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_heat_maps_back_through_the_test_input_mapping(scale: float) -> None:
+    image = np.zeros((70, 130, 3), np.uint8)
+    inp, meta = transforms.test_input(image, scale, 31)  # centred in a zero canvas: borders of 13-16 pixels
+    assert min(meta["border_x"], meta["border_y"]) >= 13
+    heat = np.zeros((inp.shape[1] // 4, inp.shape[2] // 4), np.float32)
+    cx, cy = int((100 * scale + meta["border_x"]) / 4), int((40 * scale + meta["border_y"]) / 4)
+    heat[cy, cx] = 1.0  # the output cell of image pixel (100, 40)
+    back = heat_to_image(heat, meta, 4.0)
+    assert back.shape == (70, 130)
+    peak_y, peak_x = np.unravel_index(back.argmax(), back.shape)
+    # the cell's own position mapped back as boxes are: x = (x_out * 4 - border_x) / scale
+    assert abs(peak_x - (cx * 4 - meta["border_x"]) / scale) <= 1
+    assert abs(peak_y - (cy * 4 - meta["border_y"]) / scale) <= 1
+
+
+def test_browse_ground_truth_on_coco_tiny(tmp_path: Path) -> None:
+    data = json.loads(COCO_VAL.read_text())
+    ids = [data["images"][0]["id"], data["images"][1]["id"]]
+    result = CliRunner().invoke(app, ["viz", "--ann", str(COCO_VAL), "--images", str(COCO_VAL_IMAGES),
+                                      "--ids", f"{ids[0]},{ids[1]}", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["checkpoint"] is None and [e["image_id"] for e in doc["images"]] == ids
+    for entry in doc["images"]:
+        img = next(i for i in data["images"] if i["id"] == entry["image_id"])
+        assert entry["files"] == [str(tmp_path / f"{Path(img['file_name']).stem}_gt.png")]
+        boxes = [[x, y, x + w, y + h] for a in data["annotations"] if a["image_id"] == img["id"] for x, y, w, h in [a["bbox"]]]
+        assert entry["gt"] == len(boxes)
+        source = cv2.imread(str(COCO_VAL_IMAGES / img["file_name"]))
+        diff = changed(entry["files"][0], source)
+        assert not (diff & ~near_boxes(boxes, source.shape)).any()
+        assert diff.any()
+
+    bad = CliRunner().invoke(app, ["viz", "--ann", str(COCO_VAL), "--images", str(COCO_VAL_IMAGES), "--ids", "7", "--json"])
+    assert bad.exit_code == 2 and "image id 7" in json.loads(bad.stdout)["error"]
+
+
+def test_newest_checkpoint_is_used_and_named(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    # Written first, deeper and sorting first by name: only its later modification time makes it the newest.
+    new = save_untrained(tmp_path / "runs" / "a" / "sub" / "last.pt", ["data.root=nowhere"])
+    old = save_untrained(tmp_path / "runs" / "b" / "last.pt", [f"data.root={setup['shapes']}"])
+    os.utime(old, (2_000_000_000, 2_000_000_000))
+    os.utime(new, (2_000_000_100, 2_000_000_100))
+    result = CliRunner().invoke(app, ["viz", str(setup["big"]), "--score-thresh", "0", "--out", "o", "--json"])
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["checkpoint"] == "runs/a/sub/last.pt"
+    assert "newest checkpoint: runs/a/sub/last.pt" in result.stderr
+    # Its recipe's data are not there: classes are labelled by index, and the command says so.
+    assert doc["class_names_from"] is None and "no class names in nowhere" in result.stderr
+    assert {d["name"] for d in doc["images"][0]["detections"]} <= {f"class {i}" for i in range(6)}
+    assert Path("o/big_det.png").is_file()
+
+
+def test_no_checkpoint_anywhere_fails_with_a_hint(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["viz", str(setup["big"]), "--json"])
+    assert result.exit_code == 2
+    assert json.loads(result.stdout)["exit_code"] == 2
+    assert "--checkpoint" in result.stderr and "runs/**/last.pt" in result.stderr
+    assert not (tmp_path / "viz").exists()
+
+
+@pytest.mark.parametrize("args, culprit", [
+    ([], "give IMAGE"),
+    (["x.png", "--images", "d"], "--images/--ids"),
+    (["--ann", str(COCO_VAL)], "--images DIR"),
+    (["--ann", str(COCO_VAL), "--images", str(COCO_VAL_IMAGES), "--heatmaps"], "--heatmaps"),
+    (["missing.png", "--checkpoint", "c.pt"], "missing.png: image file not found"),
+    (["x.png", "--set", "test.k=5"], "--set: overrides a recipe"),
+])
+def test_usage_errors_exit_2(args: list[str], culprit: str) -> None:
+    result = CliRunner().invoke(app, ["viz", *args, "--json"])
+    assert result.exit_code == 2
+    assert culprit in json.loads(result.stdout)["error"]
+
+
+def test_heat_heads_of_the_triplet_family(setup: dict[str, Path], tmp_path: Path) -> None:
+    from kpnet.config import load_recipe
+    from kpnet.engine.checkpoint import save_checkpoint
+    from kpnet.models import build_model
+
+    recipe = load_recipe(REPO / "recipes" / "centernet_triplet_hg52.yaml", [
+        f"data.root={setup['shapes']}", "data.val_ann=annotations/instances_val.json", "data.val_images=val",
+        "model.num_classes=6", "model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
+        "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8"])
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", build_model(recipe), recipe)
+    image = setup["shapes"] / "val" / "000001.jpg"
+    result = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(ckpt), "--heatmaps", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert files == [str(tmp_path / f"000001_{k}.png") for k in ("det", "heat_tl_heat", "heat_br_heat", "heat_ct_heat")]
+    source = cv2.imread(str(image))
+    for path in files[1:]:
+        heat = cv2.imread(path)
+        assert heat.shape == source.shape
+        assert np.abs(heat.astype(int) - source.astype(int)).mean() > 10
