@@ -93,6 +93,28 @@ def test_tie_rule_gradient_goes_to_latest_scanned(monkeypatch):
         assert xx.grad.flatten().tolist() == [0.0, 0.0, 0.0, 4.0]
 
 
+def test_corner_pool_negative_zero_gradient(monkeypatch):
+    """A -0.0 output gradient summed onto an argmax gives the reference's +0.0 (0.0 + -0.0), on every layout."""
+    from kpnet.cuda import launch
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 9, 10, generator=g)
+    grad = torch.full(x.shape, -0.0)
+    for direction in DIRECTIONS:
+        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, lambda: _grad_of(x, direction, grad))
+        _bits_equal(g_ref, g_emu)
+        assert not torch.signbit(g_ref).any()
+        for lanes in (1, 3):
+            _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), g_ref)
+
+
+def _grad_of(x, direction, grad):
+    xx = x.clone().requires_grad_()
+    y = corner_pool(xx, direction)
+    y.backward(grad)
+    return y.detach(), xx.grad
+
+
 def _peak_heats():
     g = torch.Generator().manual_seed(5)
     rand = torch.rand(2, 4, 17, 13, generator=g)

@@ -31,7 +31,8 @@ _LINES = ("kp_index",) * 6  # n_planes, lines, length, line_stride, step, lanes 
 for _t, _suffix, _g in POOL_TYPES.values():
     KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES, "int"))
     KERNELS[f"corner_pool_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", f"{_t}*",
-                                                                 "double*", "kp_index*", *_LINES, "int"))
+                                                                 "double*", "kp_index*", "unsigned long long*", *_LINES,
+                                                                 "int"))
     KERNELS[f"line_max_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES))
     KERNELS[f"line_max_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", "double*",
                                                               "kp_index*", *_LINES))
@@ -147,8 +148,10 @@ def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, 
     lanes = lanes or pool_lanes(backend, x, dim)
     lines = _lines(x, dim)
     scratch = _scratch(x, lines, lanes)
-    launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
-           [x, grad, grad_in, torch.empty_like(scratch[0], dtype=x.dtype), *scratch, *lines, lanes, int(reverse)],
+    n_threads = _threads(lines, lanes)
+    hit = torch.empty(n_threads * -(-lanes // 8) if lanes > 1 else 1, dtype=torch.int64, device=x.device)
+    launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", n_threads,
+           [x, grad, grad_in, torch.empty_like(scratch[0], dtype=x.dtype), *scratch, hit, *lines, lanes, int(reverse)],
            backend, x.device)
     return grad_in.to(x.dtype)
 

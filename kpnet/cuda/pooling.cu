@@ -7,7 +7,8 @@
 // Each thread owns `lanes` adjacent lines, chosen by the launch layer (kpnet/cuda/launch.py): on the
 // GPU lanes = 1, so adjacent threads walk adjacent columns and loads coalesce; the CPU emulator gives
 // a thread a whole plane's columns (a contiguous inner loop over a row that g++ vectorizes) or a
-// block of rows (independent accumulation chains). Either way a thread's outputs are its own.
+// block of rows (eight at a time: independent, branch-free select and accumulation chains). Either way
+// a thread's outputs are its own.
 // Tie/NaN/gradient rules: kpnet/ops/pooling.py. Gradients accumulate in double in scan order; with
 // lanes > 1 the per-line running sums and argmax positions live in `acc`/`arg` (one slot per line).
 #include "kpnet_types.cuh"
@@ -91,6 +92,27 @@ __device__ __forceinline__ void running_max_rows(const T* __restrict__ x, T* __r
     }
 }
 
+// R lines `line_stride` apart scanned together, branch-free: R independent select chains in flight.
+template <int R, typename T>
+__device__ __forceinline__ void running_max_interleaved(const T* __restrict__ x, T* __restrict__ out, kp_index p,
+                                                        kp_index line_stride, kp_index length, kp_index step) {
+    T best[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+        best[r] = x[p + r * line_stride];
+        out[p + r * line_stride] = best[r];
+    }
+    for (kp_index t = 1; t < length; ++t) {
+        p += step;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+            T v = x[p + r * line_stride];
+            best[r] = kp_takes_max_select(kp_widen(v), kp_widen(best[r])) ? v : best[r];
+            out[p + r * line_stride] = best[r];
+        }
+    }
+}
+
 template <typename T>
 __device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* __restrict__ out, kp_index n_planes,
                                                     kp_index lines, kp_index length, kp_index line_stride,
@@ -104,7 +126,10 @@ __device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* 
     if (line_stride == 1 && count > 1) {
         running_max_rows<T>(x, out, start, count, length, step);
     } else if (count > 1 && (step == 1 || step == -1)) {
-        for (kp_index i = 0; i < count; ++i) {
+        kp_index i = 0;
+        for (; i + 8 <= count; i += 8)
+            running_max_interleaved<8, T>(x, out, start + i * line_stride, line_stride, length, step);
+        for (; i < count; ++i) {
             if (step == 1) running_max_contiguous<1, T>(x, out, start + i * line_stride, length);
             else running_max_contiguous<-1, T>(x, out, start + i * line_stride, length);
         }
@@ -126,7 +151,7 @@ __device__ __forceinline__ void running_max_backward_lines(const T* __restrict__
         kp_index q = start + r * line_stride;
         best[r] = kp_widen(x[q]);
         best_at[r] = q;
-        sum[r] = (double)kp_widen(grad_out[q]);
+        sum[r] = 0.0 + (double)kp_widen(grad_out[q]);  // as the reference's zeros + g: -0.0 becomes +0.0
     }
     for (kp_index t = 1; t < length; ++t) {
         start += step;
@@ -149,51 +174,52 @@ __device__ __forceinline__ void running_max_backward_lines(const T* __restrict__
     for (int r = 0; r < R; ++r) grad_in[best_at[r]] = (G)sum[r];
 }
 
-// Adjacent columns, rows outer, each column's (best, sum, argmax) in its slot of best/acc/arg. A group
-// of KP_CHUNK columns first tests, branch-free (vectorized), whether any of them takes a new maximum in
-// this row; only then does it walk them one by one to hand the finished sums to their argmax.
-#define KP_CHUNK 8
+// Adjacent columns, rows outer, each column's (best, sum, argmax) in its slot of best/acc/arg. Per row,
+// one branch-free (vectorized) loop moves every column's best and marks, one byte per column in `hit`,
+// which columns take a new maximum; the marks are then read eight at a time, and only a marked column
+// hands its finished sum to its argmax. A last branch-free loop adds the row's gradients and zeroes it.
 template <typename T, typename G>
 __device__ __forceinline__ void running_max_backward_rows(const T* __restrict__ x, const T* __restrict__ grad_out,
                                                           G* __restrict__ grad_in, T* __restrict__ best,
                                                           double* __restrict__ acc, kp_index* __restrict__ arg,
+                                                          unsigned long long* __restrict__ hit_words,
                                                           kp_index start, kp_index count, kp_index length,
                                                           kp_index step) {
+    unsigned char* __restrict__ hit = (unsigned char*)hit_words;
+    kp_index words = (count + 7) / 8;
+    for (kp_index w = 0; w < words; ++w) hit_words[w] = 0ull;
     for (kp_index i = 0; i < count; ++i) {
         best[i] = x[start + i];
         arg[i] = start + i;
-        acc[i] = (double)kp_widen(grad_out[start + i]);
+        acc[i] = 0.0;
     }
     kp_index p = start;
-    for (kp_index t = 1; t < length; ++t) {
-        p += step;
+    for (kp_index t = 0; t < length; ++t, p += step) {
         const T* __restrict__ row = x + p;
         const T* __restrict__ g = grad_out + p;
         G* __restrict__ dst = grad_in + p;
-        for (kp_index i0 = 0; i0 < count; i0 += KP_CHUNK) {
-            int n = count - i0 < KP_CHUNK ? (int)(count - i0) : KP_CHUNK;
-            int any = 0;
-            if (n == KP_CHUNK) {
-                for (int k = 0; k < KP_CHUNK; ++k)
-                    any |= (int)kp_takes_max_select(kp_widen(row[i0 + k]), kp_widen(best[i0 + k]));
-            } else {
-                any = 1;
+        if (t > 0) {
+            for (kp_index i = 0; i < count; ++i) {
+                T v = row[i], b = best[i];
+                bool takes = kp_takes_max_select(kp_widen(v), kp_widen(b));
+                hit[i] = (unsigned char)takes;
+                best[i] = takes ? v : b;
             }
-            if (any) {
-                for (int k = 0; k < n; ++k) {
-                    kp_index i = i0 + k;
-                    if (kp_takes_max(kp_widen(row[i]), kp_widen(best[i]))) {
+            for (kp_index w = 0; w < words; ++w) {
+                if (hit_words[w] == 0ull) continue;
+                kp_index end = w * 8 + 8 < count ? w * 8 + 8 : count;
+                for (kp_index i = w * 8; i < end; ++i) {
+                    if (hit[i]) {
                         grad_in[arg[i]] = (G)acc[i];
-                        best[i] = row[i];
                         arg[i] = p + i;
                         acc[i] = 0.0;
                     }
                 }
             }
-            for (int k = 0; k < n; ++k) {
-                acc[i0 + k] += (double)kp_widen(g[i0 + k]);
-                dst[i0 + k] = (G)0.0;
-            }
+        }
+        for (kp_index i = 0; i < count; ++i) {
+            acc[i] += (double)kp_widen(g[i]);
+            dst[i] = (G)0.0;
         }
     }
     for (kp_index i = 0; i < count; ++i) grad_in[arg[i]] = (G)acc[i];
@@ -203,9 +229,9 @@ template <typename T, typename G>
 __device__ __forceinline__ void running_max_backward(const T* __restrict__ x, const T* __restrict__ grad_out,
                                                      G* __restrict__ grad_in, T* __restrict__ best,
                                                      double* __restrict__ acc, kp_index* __restrict__ arg,
-                                                     kp_index n_planes, kp_index lines, kp_index length,
-                                                     kp_index line_stride, kp_index step, kp_index lanes,
-                                                     int reverse) {
+                                                     unsigned long long* __restrict__ hit, kp_index n_planes,
+                                                     kp_index lines, kp_index length, kp_index line_stride,
+                                                     kp_index step, kp_index lanes, int reverse) {
     kp_index first, count, start;
     if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
     if (reverse) {
@@ -213,8 +239,9 @@ __device__ __forceinline__ void running_max_backward(const T* __restrict__ x, co
         step = -step;
     }
     if (line_stride == 1 && count > 1) {
-        running_max_backward_rows<T, G>(x, grad_out, grad_in, best + first, acc + first, arg + first, start, count,
-                                        length, step);
+        kp_index thread = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
+        running_max_backward_rows<T, G>(x, grad_out, grad_in, best + first, acc + first, arg + first,
+                                        hit + thread * ((lanes + 7) / 8), start, count, length, step);
         return;
     }
     kp_index i = 0;
@@ -308,8 +335,9 @@ __device__ __forceinline__ void line_max_backward(const T* __restrict__ x, const
         running_max_forward<T>(x, out, KP_LINE_ARGS, reverse);                                                   \
     }                                                                                                            \
     extern "C" __global__ void corner_pool_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in, T* best, \
-                                                             double* acc, kp_index* arg, KP_LINES, int reverse) { \
-        running_max_backward<T, G>(x, grad_out, grad_in, best, acc, arg, KP_LINE_ARGS, reverse);                 \
+                                                             double* acc, kp_index* arg, unsigned long long* hit, \
+                                                             KP_LINES, int reverse) {                            \
+        running_max_backward<T, G>(x, grad_out, grad_in, best, acc, arg, hit, KP_LINE_ARGS, reverse);            \
     }                                                                                                            \
     extern "C" __global__ void line_max_forward_##SUFFIX(const T* x, T* out, KP_LINES) {                         \
         line_max_forward<T>(x, out, KP_LINE_ARGS);                                                               \
