@@ -24,6 +24,7 @@ def load_checkpoint(path: str | Path, recipe: Recipe | None = None, device: str 
     recipe = recipe or checkpoint_recipe(doc, path)
     model = build_model(recipe)
     load_weights(model, doc, path)
+    model.class_names = doc.get("class_names")  # the training set's category names, when it recorded them
     return model.to(device).eval()
 
 

@@ -41,6 +41,13 @@ class ModelConfig:
     up_channels: tuple[int, ...] = (256, 128, 64)  # the three up-convolution stages (objects as points §4)
     deformable: bool = True  # 3x3 deformable conv before each up-convolution (objects as points §5)
     head_conv: int = 64
+    cascade: bool = False  # corner families: cascade corner pooling (triplet §3.3, Table 4 "CCP")
+    center_pool: bool = True  # centernet_triplet: center pooling on the centre branch (Table 4 "CTP")
+    stacks: int = 2  # hourglass_small: number of stacks (HG-104 / HG-52 fix theirs at 2 / 1)
+    hg_dims: tuple[int, ...] = (32, 32, 48, 48, 64)  # hourglass_small: channels per level
+    hg_modules: tuple[int, ...] = (1, 1, 1, 1, 2)  # hourglass_small: residuals per level (last = innermost)
+    hg_stem: int = 16  # hourglass_small: stem width
+    hg_cnv: int = 32  # hourglass_small: width of the per-stack `cnv` features the heads read
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,8 @@ class LossConfig:
     hm_weight: float = 1.0
     wh_weight: float = 0.1
     off_weight: float = 1.0
+    pull_weight: float = 0.1  # corner families: associative-embedding pull (CornerNet eq. 4, REFERENCE §3.2)
+    push_weight: float = 0.1  # corner families: associative-embedding push (CornerNet eq. 5)
     chunk_size: int = 0  # evaluate the loss per chunk of this many images and average (REFERENCE §3.5); 0 = whole batch
 
 
@@ -71,6 +80,7 @@ class AugmentConfig:
     flip: float = 0.5
     color_jitter: float = 0.4
     lighting: float = 0.1
+    crop: str = "centernet"  # "centernet" (XZ: side max(h, w)·s, affine) or "cornernet" (CN/DK: 511·s window, REFERENCE §5)
 
 
 @dataclass(frozen=True)
@@ -84,7 +94,8 @@ class TrainConfig:
     lr_steps: tuple[int, ...] = (90, 120)
     warmup_iters: int = 0
     grad_clip: float = 0.0  # max grad norm; 0 disables
-    amp: bool = True  # automatic mixed precision, used on CUDA only
+    amp: bool = True  # mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX)
+    channels_last: bool = False  # NHWC activations; faster convolutions on CPU (oneDNN)
     checkpoint_every: int = 500  # iterations
     log_every: int = 10  # iterations
     max_iterations: int = 0  # stop early after this many iterations (smoke runs); 0 = the full schedule
@@ -98,7 +109,16 @@ class TestConfig:
     k: int = 100
     flip: bool = False
     scales: tuple[float, ...] = (1.0,)
-    pad: int = 31  # inputs padded to (h | pad) + 1: 31 for ResNet/DLA, 127 for hourglass
+    pad: int = 31  # inputs padded to (h | pad) + pad_add: 31 for ResNet/DLA, 127 for hourglass
+    pad_add: int = 1  # 1: a multiple of pad + 1 (XZ); 0: (h | 127) = 128k − 1 (CornerNet / triplets, REFERENCE §4.6)
+    ae_threshold: float = 0.5  # corner families: pairs with |e_tl − e_br| > this are rejected (REFERENCE §4.1)
+    num_dets: int = 1000  # corner families: best pairs kept per image and scale before NMS
+    nms_merge: bool = False  # soft-NMS with box merging (`soft_nms_merge`, corner families' multi-scale test)
+    weight_exp: float = 8.0  # merge weight exponent; the multi-scale CornerNet / triplet configs use 10
+    central_region: bool = True  # centernet_triplet: rescore boxes by centres (off = CornerNet decode; Table 4 "CRE")
+    region_area: float = 22500.0  # centernet_triplet: n = region_n_small for box area <= this (original pixels)
+    region_n_small: float = 3.0
+    region_n_large: float = 5.0
     nms: str = "none"  # "none" (single scale), "soft_gaussian", "soft_linear"; multi-scale always merges
     nms_sigma: float = 0.5
     nms_threshold: float = 0.5

@@ -10,8 +10,11 @@ PROB_CLAMP = 1e-4
 
 
 def heat_sigmoid(logits: Tensor) -> Tensor:
-    """Sigmoid clamped to [1e-4, 1 - 1e-4] as the reference's `_sigmoid` (REFERENCE §3.1); not in place."""
-    return logits.sigmoid().clamp(PROB_CLAMP, 1 - PROB_CLAMP)
+    """Sigmoid clamped to [1e-4, 1 - 1e-4] as the reference's `_sigmoid` (REFERENCE §3.1); not in place.
+
+    Computed in float32: under bfloat16 autocast 1 - 1e-4 would round to 1 and log(1 - p) to -inf.
+    """
+    return logits.float().sigmoid().clamp(PROB_CLAMP, 1 - PROB_CLAMP)
 
 
 def focal_loss(pred: Tensor, gt: Tensor, alpha: float = 2.0, beta: float = 4.0) -> Tensor:
@@ -52,3 +55,23 @@ def reg_smooth_l1_loss(pred: Tensor, ind: Tensor, mask: Tensor, target: Tensor) 
     m = mask.unsqueeze(-1).expand_as(gathered).float()
     loss = F.smooth_l1_loss(gathered * m, target.float() * m, reduction="sum", beta=1.0)
     return loss / (mask.float().sum() + 1e-4)
+
+
+def ae_loss(tl_tag: Tensor, br_tag: Tensor, tl_ind: Tensor, br_ind: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Associative-embedding pull and push (CornerNet eq. 4-5; REFERENCE §3.2) -> (pull, push).
+
+    Per image with N objects, e_k = (e_tl,k + e_br,k)/2; pull = Σ_k [(e_tl,k − e_k)² + (e_br,k − e_k)²] / N
+    and push = Σ over ordered pairs j ≠ k of max(0, 1 − |e_k − e_j|) / (N(N−1)). Both are summed (not
+    averaged) over the images of the batch; an image contributes 0 when it has no objects (pull) or
+    fewer than two (push). Nothing is squeezed, so a batch of one works.
+    """
+    tl = gather_feat(tl_tag, tl_ind)[..., 0].float()
+    br = gather_feat(br_tag, br_ind)[..., 0].float()
+    m = mask.float()
+    n = m.sum(1)
+    mean = (tl + br) / 2
+    pull = (((tl - mean) ** 2 + (br - mean) ** 2) * m).sum(1) / n.clamp(min=1)
+    pairs = m.unsqueeze(2) * m.unsqueeze(1) * (1 - torch.eye(m.shape[1], device=m.device))
+    gap = F.relu(1 - (mean.unsqueeze(2) - mean.unsqueeze(1)).abs())
+    push = (gap * pairs).sum((1, 2)) / (n * (n - 1)).clamp(min=1)
+    return pull.sum(), push.sum()

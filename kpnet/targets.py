@@ -138,3 +138,52 @@ def dense_from_centers(values: np.ndarray, ind: np.ndarray, mask: np.ndarray, ou
     dist = (yy[None] - sy[:, None, None]) ** 2 + (xx[None] - sx[:, None, None]) ** 2
     nearest = dist.argmin(axis=0)
     return values[valid][nearest].transpose(2, 0, 1).astype(np.float32)
+
+
+def corner_targets(
+    boxes: np.ndarray,
+    classes: np.ndarray,
+    num_classes: int,
+    out_hw: tuple[int, int],
+    max_objs: int = 128,
+    radius_mode: str = "cornernet_fixed",
+    min_overlap: float = 0.3,
+    centers: bool = False,
+) -> dict[str, np.ndarray]:
+    """CornerNet targets (CornerNet §3.2-3.3; REFERENCE §2.4), plus the triplet centre keypoint with `centers`.
+
+    `boxes` are (N, 4) x1, y1, x2, y2 in output-grid units (input pixels × out/inp, 128/511 at 511),
+    kept in the given order (the caller orders objects by category, as CN does). Boxes are clipped to
+    the grid and dropped when empty; each corner gets a gaussian at its truncated cell, its fractional
+    offset and the cell's flat index, which gathers its embedding and offset. The radius uses the
+    ceiled output-grid box size. The centre ((x1+x2)/2, (y1+y2)/2) gets the same radius with
+    σ = diameter/5 and no embedding (REFERENCE §2.3-2.4 DK).
+    """
+    out_h, out_w = out_hw
+    kinds = ("tl", "br", "ct") if centers else ("tl", "br")
+    t: dict[str, np.ndarray] = {}
+    for kind in kinds:
+        t[f"{kind}_heat"] = np.zeros((num_classes, out_h, out_w), np.float32)
+        t[f"{kind}_regr"] = np.zeros((max_objs, 2), np.float32)
+        t[f"{kind}_ind"] = np.zeros((max_objs,), np.int64)
+    t["tag_mask"] = np.zeros((max_objs,), np.float32)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    k = 0
+    for box, cls in zip(boxes, np.asarray(classes).reshape(-1)):
+        if k >= max_objs:
+            break
+        x1, x2 = np.clip(box[[0, 2]], 0, out_w - 1)
+        y1, y2 = np.clip(box[[1, 3]], 0, out_h - 1)
+        if x2 - x1 <= 0 or y2 - y1 <= 0:
+            continue
+        radius = gaussian_radius(math.ceil(y2 - y1), math.ceil(x2 - x1), min_overlap, radius_mode)
+        points = {"tl": (x1, y1), "br": (x2, y2), "ct": ((x1 + x2) / 2, (y1 + y2) / 2)}
+        for kind in kinds:
+            fx, fy = points[kind]
+            ix, iy = int(fx), int(fy)
+            draw_gaussian(t[f"{kind}_heat"][int(cls)], ix, iy, radius, 5.0 if kind == "ct" else 6.0)
+            t[f"{kind}_regr"][k] = fx - ix, fy - iy
+            t[f"{kind}_ind"][k] = iy * out_w + ix
+        t["tag_mask"][k] = 1
+        k += 1
+    return t

@@ -77,6 +77,20 @@ def draw_detections(image: np.ndarray, dets: Tensor | np.ndarray, class_names: S
     return draw_boxes(image, d[:, :4], labels, [class_colour(c) for c in classes])
 
 
+def draw_regions(image: np.ndarray, regions: np.ndarray, centres: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """Triplet central regions (thin outlines, the box's class colour) and, as a filled dot, the centre
+    keypoint that validated each box (CenterNet triplets §3.1); a row of NaN centre draws no dot."""
+    out = image.copy()
+    radius = 2 * line_thickness(*out.shape[:2])
+    for (x1, y1, x2, y2), (cx, cy), cls in zip(np.asarray(regions, np.float64).reshape(-1, 4),
+                                               np.asarray(centres, np.float64).reshape(-1, 2), classes, strict=True):
+        colour = class_colour(int(cls))
+        cv2.rectangle(out, (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2))), colour, 1)
+        if np.isfinite(cx) and np.isfinite(cy):
+            cv2.circle(out, (int(round(cx)), int(round(cy))), radius, colour, -1, cv2.LINE_AA)
+    return out
+
+
 def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     """Ground-truth x1, y1, x2, y2 boxes in GT_COLOUR, labelled with their class names."""
     return draw_boxes(image, boxes, labels, [GT_COLOUR] * len(labels))

@@ -71,8 +71,8 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     "name,culprit",
     [
         ("other_arch", "checkpoint does not match the recipe's architecture"),
-        ("pickled", "refusing to load"),
-        ("pickled_raw", "not a readable PyTorch checkpoint"),
+        ("pickled", "refusing to load: the checkpoint holds pickled objects other than tensors (print)"),
+        ("pickled_raw", "refusing to load"),
         ("truncated", "not a readable PyTorch checkpoint"),
         ("foreign", "not a kpnet checkpoint"),
         ("missing", "checkpoint not found"),

@@ -238,3 +238,39 @@ def test_heat_heads_of_the_triplet_family(setup: dict[str, Path], tmp_path: Path
         heat = cv2.imread(path)
         assert heat.shape == source.shape
         assert np.abs(heat.astype(int) - source.astype(int)).mean() > 10
+
+
+def test_draw_regions_outlines_region_and_marks_its_centre() -> None:
+    from kpnet.viz import draw_regions
+
+    image = np.full((100, 120, 3), 90, np.uint8)
+    drawn = draw_regions(image, np.array([[20.0, 30.0, 60.0, 70.0], [80.0, 10.0, 100.0, 30.0]]),
+                         np.array([[40.0, 50.0], [np.nan, np.nan]]), [1, 2])
+    diff = (drawn != image).any(axis=2)
+    for box in ([20, 30, 60, 70], [80, 10, 100, 30]):
+        ys, xs = outline(box, diff.shape)
+        assert diff[ys, xs].all()
+    assert diff[50, 40]  # the validating centre's dot
+    assert not diff[20, 90]  # the second box has no centre: its inside stays untouched
+    assert not diff[90, 5]
+
+
+def test_regions_for_triplet_models_only(setup: dict[str, Path], tmp_path: Path) -> None:
+    from kpnet.config import load_recipe
+    from kpnet.engine.checkpoint import save_checkpoint
+    from kpnet.models import build_model
+
+    recipe = load_recipe(REPO / "recipes" / "centernet_triplet_hg52.yaml", [
+        f"data.root={setup['shapes']}", "data.val_ann=annotations/instances_val.json", "data.val_images=val",
+        "model.num_classes=6", "model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
+        "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8"])
+    ckpt = save_checkpoint(tmp_path / "tri.pt", build_model(recipe), recipe)
+    image = setup["shapes"] / "val" / "000002.jpg"
+    result = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(ckpt), "--regions", "--score-thresh", "0",
+                                      "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert files[-1] == str(tmp_path / "000002_regions.png")
+    assert cv2.imread(files[-1]).shape == cv2.imread(str(image)).shape
+    points = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(setup["ckpt"]), "--regions", "--json"])
+    assert points.exit_code == 2 and "--regions" in json.loads(points.stdout)["error"]

@@ -32,7 +32,7 @@ def _main(
     """kpnet: train, evaluate, analyse, export and visualise keypoint detectors."""
 
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "eval", "fd_analysis", "collision_stats", "prepare_data", "info", "error_analysis")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "eval", "fd_analysis", "collision_stats", "prepare_data", "info", "error_analysis", "visualize")
 
 
 def _register() -> None:

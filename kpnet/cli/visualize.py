@@ -121,7 +121,7 @@ def _check_usage(images: list[Path], browse: bool, image_dir: Path | None, ids: 
 
 
 def _draw_item(it: Item, out: Path, model: Any, names: list[str], score_thresh: float,
-               heat_heads: tuple[str, ...]) -> dict[str, Any]:
+               heat_heads: tuple[str, ...], regions: bool = False) -> dict[str, Any]:
     """Draw one input's PNGs (ground truth, detections, heat heads) and describe them for --json."""
     from kpnet import viz
     from kpnet.data.dataset import read_image
@@ -142,7 +142,29 @@ def _draw_item(it: Item, out: Path, model: Any, names: list[str], score_thresh: 
     entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_det.png", viz.draw_detections(drawn, dets, names))))
     for head, overlay in viz.heat_overlays(image, inference, heat_heads).items():
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_heat_{head}.png", overlay)))
+    if regions:
+        entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_regions.png", _regions_image(model, image, dets))))
     return entry
+
+
+def _regions_image(model: Any, image: Any, dets: Any) -> Any:
+    """The drawn boxes' central regions and the centres (from scale 1) that validated them."""
+    import torch
+
+    from kpnet import viz
+    from kpnet.detectors import centernet_triplet as triplet
+    from kpnet.engine.inference import network_heads, scale_rows
+
+    test = model.recipe.test
+    base = 1.0 if 1.0 in test.scales else test.scales[0]
+    rows = scale_rows(network_heads(model), triplet, image, test, base)
+    centres = rows[rows[:, triplet.KIND_COLUMN] == 1]
+    area, small, large = test.region_area, test.region_n_small, test.region_n_large
+    first = triplet.matching_centres(dets, centres, area, small, large)
+    points = torch.full((len(dets), 2), float("nan"))
+    points[first >= 0] = centres[first[first >= 0], :2]
+    regions = triplet.central_regions(dets[:, :4], area, small, large)
+    return viz.draw_regions(image, regions.numpy(), points.numpy(), dets[:, 5].long().tolist())
 
 
 def visualize_command(
@@ -154,6 +176,8 @@ def visualize_command(
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("viz"),
     score_thresh: Annotated[float, typer.Option("--score-thresh", help="Draw detections scoring at least this.")] = 0.3,
     heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write each heat head blended over the image.")] = False,
+    regions: Annotated[bool, typer.Option(
+        "--regions", help="Triplet models: draw each box's central region and the centre that validated it.")] = False,
     gt: Annotated[Path | None, typer.Option("--gt", help="COCO annotations: overlay the ground truth by file name.")] = None,
     ann: Annotated[Path | None, typer.Option("--ann", help="Browse a data set: its COCO annotation file.")] = None,
     image_dir: Annotated[Path | None, typer.Option("--images", help="With --ann: the folder of its images.")] = None,
@@ -195,6 +219,8 @@ def visualize_command(
             if heatmaps and family not in viz.HEAT_HEADS:
                 raise KpnetError("--heatmaps", f"no heat heads known for family {family!r}")
             heat_heads = viz.HEAT_HEADS[family] if heatmaps else ()
+            if regions and family != "centernet_triplet":
+                raise KpnetError("--regions", f"central regions exist only for centernet_triplet models, not {family!r}")
             names, source, why = viz.class_names_for(model.recipe)
             if model.class_names and len(model.class_names) == model.recipe.model.num_classes:
                 names, source = list(model.class_names), f"{ckpt} (training set)"
@@ -203,7 +229,7 @@ def visualize_command(
             doc.update({"checkpoint": str(ckpt), "recipe": None if recipe is None else str(recipe), "class_names_from": source})
 
         for it in items:
-            entry = _draw_item(it, out, model, names, score_thresh, heat_heads)
+            entry = _draw_item(it, out, model, names, score_thresh, heat_heads, regions)
             counts = [_count(len(entry["detections"]), "detection", "s") if "detections" in entry else "",
                       _count(entry["gt"], "ground-truth box", "es") if entry["gt"] is not None else ""]
             o.print(f"{it.path}: {', '.join(c for c in counts if c)} -> {', '.join(entry['files'])}",

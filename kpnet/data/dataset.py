@@ -95,11 +95,13 @@ class TrainDataset(Dataset):
         color: float,
         lighting: float,
         seed: int,
+        border: int = 128,
+        crop: str = "centernet",
     ) -> None:
         self.index = index
         self.encode = encode
         self.input_size = input_size
-        self.aug = dict(scales=scales, flip=flip, color=color, lighting=lighting)
+        self.aug = dict(scales=scales, flip=flip, color=color, lighting=lighting, border=border, crop=crop)
         self.seed = seed
 
     def __len__(self) -> int:

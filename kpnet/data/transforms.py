@@ -10,8 +10,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+# OpenCV's own thread pool spins between calls and fights PyTorch's threads for the cores (measured:
+# a CPU training step 5x slower); the data pipeline parallelises over DataLoader workers instead.
+cv2.setNumThreads(1)
+
 MEAN_BGR = np.array([0.40789654, 0.44719302, 0.47026115], np.float32)
 STD_BGR = np.array([0.28863828, 0.27408164, 0.27809835], np.float32)
+CROP_MODES = ("centernet", "cornernet")
 EIG_VAL = np.array([0.2141788, 0.01817699, 0.00341571], np.float32)
 EIG_VEC = np.array(
     [[-0.58752847, -0.69563484, 0.41340352], [-0.5832747, 0.00994535, -0.81221408], [-0.56089297, 0.71832671, 0.41158938]],
@@ -78,13 +83,20 @@ def train_augment(
     color: float,
     lighting: float,
     border: int = 128,
+    crop: str = "centernet",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Random-scale crop (side = max(h, w)·s around a random centre), flip, colour, lighting (XZ, REFERENCE §5).
+    """Random-scale crop around a random centre, flip, colour, lighting (REFERENCE §5).
 
-    Returns the normalised CHW input and the boxes in input pixels (not yet clipped).
+    The crop is a square window resized to the input, zero outside the image: `crop="centernet"` (XZ)
+    takes side max(h, w)·s, so the zoom depends on the image size; `crop="cornernet"` (CN/DK
+    `random_crop`) takes side int(input_size·s) of the original-resolution image. Returns the
+    normalised CHW input and the boxes in input pixels (not yet clipped).
     """
+    if crop not in CROP_MODES:
+        raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
     h, w = image.shape[:2]
-    side = max(h, w) * float(rng.choice(np.asarray(scales)))
+    scale = float(rng.choice(np.asarray(scales)))
+    side = max(h, w) * scale if crop == "centernet" else float(int(input_size * scale))
     bw, bh = crop_border(border, w), crop_border(border, h)
     center = np.array([rng.integers(bw, max(bw + 1, w - bw)), rng.integers(bh, max(bh + 1, h - bh))], np.float32)
     boxes = boxes.astype(np.float32).reshape(-1, 4)
@@ -102,15 +114,17 @@ def train_augment(
     return normalize(img), transform_boxes(boxes, matrix)
 
 
-def test_input(image: np.ndarray, scale: float, pad: int) -> tuple[np.ndarray, dict[str, float]]:
-    """Resize by `scale`, centre in a zero canvas of (h | pad) + 1 by (w | pad) + 1, normalise (REFERENCE §4.6).
+def test_input(image: np.ndarray, scale: float, pad: int, pad_add: int = 1) -> tuple[np.ndarray, dict[str, float]]:
+    """Resize by `scale`, centre in a zero canvas of (h | pad) + pad_add by (w | pad) + pad_add, normalise.
+
+    pad_add 1 gives a multiple of pad + 1 (XZ); pad_add 0 with pad 127 gives 128k − 1 (CN/DK; REFERENCE §4.6).
 
     Returns the CHW input and the meta needed to map outputs back: border offsets and the scale.
     """
     h, w = image.shape[:2]
     new_h, new_w = int(h * scale), int(w * scale)
     resized = cv2.resize(image, (new_w, new_h)) if (new_h, new_w) != (h, w) else image
-    inp_h, inp_w = (new_h | pad) + 1, (new_w | pad) + 1
+    inp_h, inp_w = (new_h | pad) + pad_add, (new_w | pad) + pad_add
     top, left = inp_h // 2 - new_h // 2, inp_w // 2 - new_w // 2
     canvas = np.zeros((inp_h, inp_w, 3), np.float32)
     canvas[top : top + new_h, left : left + new_w] = resized.astype(np.float32) / 255.0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import re
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KpnetError(path, "checkpoint not found")
     try:
-        doc = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them; the error says it
+            warnings.simplefilter("ignore")
+            doc = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise KpnetError(path, f"refusing to load: the checkpoint holds pickled objects other than tensors ({first[:160]})") from None
+        culprit = re.search(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)", str(e))
+        what = f" ({culprit.group(1)})" if culprit else ""
+        raise KpnetError(path, f"refusing to load: the checkpoint holds pickled objects other than tensors{what}") from None
     except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
         raise KpnetError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:

@@ -1,0 +1,60 @@
+"""Train the two small corner recipes on `shapes` and print AP, AP50 and FD rates side by side.
+
+    python benchmarks/corner_small_shapes.py [--out runs/bench_corner] [--max-iterations N]
+
+Generates shapes (2000 train / 200 val, seed 0) under OUT, trains recipes/cornernet_small_shapes.yaml
+and recipes/centernet_triplet_small_shapes.yaml with the same data and seed, evaluates each on val,
+and prints wall time, bbox AP / AP50 and the FD rates (IoU 0.05:0.05:0.5, triplet paper Table 3).
+Acceptance targets (issue 4): each run within 20 minutes on 2 cores, AP50 >= 0.7, triplet FD < CornerNet FD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from kpnet import evaluation
+from kpnet.api import load_checkpoint
+from kpnet.config import load_recipe
+from kpnet.data.dataset import load_index
+from kpnet.data.shapes import make_shapes
+from kpnet.engine.inference import predict_dataset
+from kpnet.engine.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = ("cornernet_small_shapes.yaml", "centernet_triplet_small_shapes.yaml")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_corner"))
+    parser.add_argument("--max-iterations", type=int, default=0, help="stop each run early (0 = the recipe's schedule)")
+    args = parser.parse_args()
+    data = args.out / "shapes"
+    if not (data / "annotations" / "instances_val.json").exists():
+        make_shapes(data, num_train=2000, num_val=200, image_size=128, seed=0)
+    index = load_index(data / "annotations" / "instances_val.json", data / "val")
+    rows = []
+    for name in RECIPES:
+        sets = [f"data.root={data}", f"train.max_iterations={args.max_iterations}"]
+        recipe = load_recipe(REPO / "recipes" / name, sets)
+        tic = time.perf_counter()
+        summary = train(recipe, args.out / recipe.name)
+        train_s = time.perf_counter() - tic
+        model = load_checkpoint(summary["checkpoint"])
+        results = predict_dataset(model, index, recipe.test)
+        dets = evaluation.load_dets(results, index.coco, source=recipe.name)
+        stats = evaluation.bbox_stats(index.coco, dets)
+        fd = evaluation.fd_rates(index.coco, dets)
+        rows.append((recipe.name, summary["iterations"], train_s, stats, fd))
+    print(f"{'recipe':34s} {'iters':>6s} {'train_s':>8s} {'AP':>6s} {'AP50':>6s} {'FD':>6s} {'FD5':>6s} {'FD25':>6s} {'FD50':>6s}")
+    for name, iters, secs, stats, fd in rows:
+        print(f"{name:34s} {iters:6d} {secs:8.1f} {stats['AP']:6.3f} {stats['AP50']:6.3f} "
+              f"{fd['FD']:6.3f} {fd['FD5']:6.3f} {fd['FD25']:6.3f} {fd['FD50']:6.3f}")
+    (cn, tri) = rows
+    print(f"triplet FD / CornerNet FD = {tri[4]['FD'] / cn[4]['FD']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

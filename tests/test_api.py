@@ -1,0 +1,47 @@
+"""The library API the CLI stands on: load_recipe, build_model, load_checkpoint, detect."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import torch
+
+import kpnet
+from conftest import REPO, run_cli
+from kpnet.engine.checkpoint import save_checkpoint
+
+TINY = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16"]
+
+
+def test_detect_returns_image_pixel_boxes(shapes_small: Path, tmp_path: Path) -> None:
+    recipe = kpnet.load_recipe(REPO / "recipes" / "quickstart.yaml", TINY + ["test.k=7"])
+    torch.manual_seed(0)
+    model = kpnet.build_model(recipe)
+    assert model.recipe is recipe
+    save_checkpoint(tmp_path / "m.pt", model, recipe, class_names=["a"] * 6)
+    loaded = kpnet.load_checkpoint(tmp_path / "m.pt")
+    assert loaded.recipe == recipe and not loaded.training and loaded.class_names == ["a"] * 6
+    for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    path = shapes_small / "val" / "000000.jpg"
+    image = cv2.imread(str(path))
+    wide = cv2.resize(image, (200, 90))
+    by_path, by_array, by_wide = kpnet.detect(loaded, [path, image, wide])
+    assert torch.equal(by_path, by_array)
+    for dets, (h, w) in [(by_path, image.shape[:2]), (by_wide, (90, 200))]:
+        assert dets.shape == (7, 6)
+        assert (dets[:, [0, 2]] >= 0).all() and (dets[:, [0, 2]] <= w).all()
+        assert (dets[:, [1, 3]] >= 0).all() and (dets[:, [1, 3]] <= h).all()
+        assert (dets[:-1, 4] >= dets[1:, 4]).all()
+        assert set(dets[:, 5].tolist()) <= set(range(6))
+
+
+def test_version_and_help() -> None:
+    proc = run_cli("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"kpnet {kpnet.__version__}"
+    proc = run_cli("--help")
+    assert proc.returncode == 0
+    for command in ("prepare-data", "train", "eval", "fd-analysis", "collision-stats", "error-analysis", "visualize", "info"):
+        assert command in proc.stdout
+    assert run_cli("no-such-command").returncode == 2
