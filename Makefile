@@ -25,7 +25,7 @@ test-slow: $(STAMP)
 test-slow-ci: $(STAMP)
 	$(PY) -m pytest -q -m "slow and not training"
 
-# Fresh venv -> shapes -> train quickstart on CPU -> COCO eval (fails below AP 0.5) -> drawn detections.
+# Fresh venv -> shapes -> train quickstart on CPU -> COCO eval (fails below AP 0.5) -> drawn detections and heatmaps.
 demo: $(STAMP)
 	$(VENV)/bin/kpnet prepare-data shapes --out $(DEMO)/shapes
 	$(VENV)/bin/kpnet train recipes/quickstart.yaml --set data.root=$(DEMO)/shapes --out $(DEMO)/train
@@ -33,10 +33,14 @@ demo: $(STAMP)
 		--checkpoint $(DEMO)/train/last.pt --out $(DEMO)/results_val.json --min-ap 0.5
 	$(VENV)/bin/kpnet viz $(DEMO)/shapes/val/000000.jpg $(DEMO)/shapes/val/000001.jpg \
 		$(DEMO)/shapes/val/000002.jpg $(DEMO)/shapes/val/000003.jpg \
-		--checkpoint $(DEMO)/train/last.pt --gt $(DEMO)/shapes/annotations/instances_val.json --out $(DEMO)/viz
+		--checkpoint $(DEMO)/train/last.pt --gt $(DEMO)/shapes/annotations/instances_val.json --heatmaps --out $(DEMO)/viz
 
+# Figures the README quotes, each measured in one run (minutes); the corner training benchmark
+# (benchmarks/corner_small_shapes.py, about 30 minutes) is run on its own.
 bench: $(STAMP)
+	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/data_pipeline.py
+	$(PY) benchmarks/collision_stats.py
 
 clean:
 	rm -rf $(VENV) runs

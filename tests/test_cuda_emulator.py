@@ -53,6 +53,8 @@ def _pool_inputs():
         "relu_zeros": torch.relu(torch.randn(1, 3, 8, 8, generator=g)),
         "inf": inf,
         "nan": nan,
+        "signed_zeros": torch.tensor([-0.0, 0.0, -1.0, float("-inf")])[torch.randint(0, 4, (2, 3, 6, 37), generator=g)],
+        "long_rows": torch.randint(-3, 4, (1, 2, 5, 300), generator=g).float(),
         "1x1": torch.randn(1, 2, 1, 1, generator=g),
         "odd": torch.randn(1, 1, 1, 9, generator=g),
         "noncontig": torch.randn(2, 9, 3, 7, generator=g).permute(0, 2, 3, 1),

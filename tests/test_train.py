@@ -63,6 +63,8 @@ def test_sigkill_and_resume_reproduce_the_trajectory(shapes_small: Path, tmp_pat
     full = run_cli(*_train_args(shapes_small, tmp_path / "full"), env=env)
     assert full.returncode == 0, full.stderr
     assert parse_json_stdout(full)["iterations"] == 40
+    progress = [line for line in full.stderr.splitlines() if line.startswith("train quickstart it ")]
+    assert [line.split()[3] for line in progress] == [f"{i}/40" for i in (1, *range(3, 41, 2), 40)]
 
     killed_dir = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "kpnet.cli", *_train_args(shapes_small, killed_dir)],

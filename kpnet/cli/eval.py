@@ -26,11 +26,19 @@ def _scales(text: str | None) -> list[float] | None:
     return values
 
 
-def stats_table(title: str, stats: dict[str, float]) -> Table:
+def stats_table(title: str, stats: dict[str, float], per_row: int = 3) -> Table:
+    """Stats as rows of `per_row` name/value pairs, so the 12 COCO stats read as pycocotools groups them and fit an 80-column log."""
+    items = list(stats.items())
     table = Table(title=title)
-    for key in stats:
-        table.add_column(key, justify="right")
-    table.add_row(*(f"{v:.3f}" if v is not None else "-" for v in stats.values()))
+    for _ in range(min(per_row, len(items))):
+        table.add_column("", justify="left", style="bold", no_wrap=True)
+        table.add_column("", justify="right", no_wrap=True)
+    table.show_header = False
+    for start in range(0, len(items), per_row):
+        cells: list[str] = []
+        for key, value in items[start:start + per_row]:
+            cells += [key, f"{value:.3f}" if value is not None else "-"]
+        table.add_row(*cells)
     return table
 
 

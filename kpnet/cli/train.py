@@ -54,19 +54,31 @@ def train_command(
             transient=False,
         )
         task = bar.add_task("train", total=1, name=r.name, rate=0.0, losses="")
+        live = o.err.is_terminal
+        plan = {"total": 1, "next_line": 0}
 
         def start(first: int, total: int) -> None:
             bar.update(task, total=total, completed=first)
-            bar.start()
+            plan["total"] = total
+            plan["next_line"] = first
+            if live:
+                bar.start()
 
         def step(it: int, losses: dict[str, float], rate: float) -> None:
             text = " ".join(f"{k}={v:.4f}" for k, v in losses.items())
             bar.update(task, completed=it, rate=rate, losses=text)
+            if not live and (it >= plan["next_line"] or it == plan["total"]):
+                # Logs and pipes get a plain line every 5 % instead of a redrawn bar.
+                eta = (plan["total"] - it) / rate if rate > 0 else 0.0
+                o.err.print(f"train {r.name} it {it}/{plan['total']} {rate:.2f} it/s ETA {eta:.0f} s {text}",
+                            soft_wrap=True)
+                plan["next_line"] = it + max(1, plan["total"] // 20)
 
         try:
             summary = engine.train(r, run_dir, device=device, resume=resume, progress=engine.Progress(start, step))
         finally:
-            bar.stop()
+            if live:
+                bar.stop()
         o.print(f"checkpoint: {summary['checkpoint']}  ({summary['iterations']} iterations, {summary['seconds']:.1f} s)")
         if summary["loss_plot"]:
             o.print(f"loss curve: {summary['loss_plot']}")

@@ -3,10 +3,13 @@ launcher per kernel that walks every block and thread (ARCHITECTURE.md, "Kernels
 three ways to run").
 
 The shared library is cached by a hash of the sources, the generated launchers, the compiler
-version and the flags, in $KPNET_CACHE_DIR, else $XDG_CACHE_HOME/kpnet, else ~/.cache/kpnet. It is
+version, the flags and the CPU (the library is built for the host's vector extensions with
+-march=native), in $KPNET_CACHE_DIR, else $XDG_CACHE_HOME/kpnet, else ~/.cache/kpnet. It is
 compiled in a temporary directory and renamed into place, so concurrent builds never see a partial
 file. Flags: -O3 without fast-math and with -ffp-contract=off, so float arithmetic rounds exactly as
-on the GPU (compiled with --fmad=false) and in PyTorch.
+on the GPU (compiled with --fmad=false) and in PyTorch; -fno-trapping-math only declares that no
+floating-point exception flag is read (values are unchanged), which lets g++ turn the kernels'
+compare-and-select into vector blends instead of branches.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -23,7 +27,8 @@ from pathlib import Path
 from kpnet.errors import KpnetError
 
 SOURCE_DIR = Path(__file__).resolve().parent
-CXX_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math")
+CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+             "-fno-trapping-math")
 
 
 def compiler() -> str | None:
@@ -73,6 +78,17 @@ def _compiler_version(cxx: str) -> str:
     return subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False).stdout
 
 
+def _host_cpu() -> str:
+    """What -march=native builds for: the machine and, on Linux, the CPU model and feature flags."""
+    text = platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return text + platform.processor()
+    keep = [line for line in info.splitlines() if line.startswith(("model name", "flags", "Features"))]
+    return "\n".join([text, *sorted(set(keep))])
+
+
 def build(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> Path:
     """Compile (or find in the cache) the emulator library for `kernels`; returns its path."""
     cxx = compiler()
@@ -80,7 +96,7 @@ def build(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> Path:
         raise KpnetError("emulator", "no C++ compiler found (set $CXX or install g++)")
     unit = translation_unit(kernels)
     digest = hashlib.sha256()
-    for part in (unit, _compiler_version(cxx), " ".join(CXX_FLAGS)):
+    for part in (unit, _compiler_version(cxx), " ".join(CXX_FLAGS), _host_cpu()):
         digest.update(part.encode())
     for f in sorted(SOURCE_DIR.glob("*.cu")) + sorted(SOURCE_DIR.glob("*.cuh")) + [SOURCE_DIR / "kpnet_shim.h"]:
         digest.update(f.name.encode() + f.read_bytes())

@@ -24,3 +24,8 @@ static inline float __int_as_float(int i) {
     return f;
 }
 
+static inline double __longlong_as_double(long long i) {
+    double d;
+    std::memcpy(&d, &i, sizeof d);
+    return d;
+}

@@ -12,6 +12,12 @@ struct kp_bf16 { unsigned short bits; };
 
 __device__ __forceinline__ float kp_bits_to_float(unsigned int b) { return __int_as_float((int)b); }
 
+// -inf of each storage type (NVRTC has no INFINITY).
+__device__ __forceinline__ float kp_lowest_f32() { return __int_as_float((int)0xff800000u); }
+__device__ __forceinline__ double kp_lowest_f64() { return __longlong_as_double((long long)0xfff0000000000000ull); }
+__device__ __forceinline__ kp_f16 kp_lowest_f16() { return kp_f16{0xfc00u}; }
+__device__ __forceinline__ kp_bf16 kp_lowest_bf16() { return kp_bf16{0xff80u}; }
+
 __device__ __forceinline__ float kp_widen(float v) { return v; }
 __device__ __forceinline__ double kp_widen(double v) { return v; }
 __device__ __forceinline__ float kp_widen(kp_bf16 v) { return kp_bits_to_float(((unsigned int)v.bits) << 16); }

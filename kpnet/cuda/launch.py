@@ -29,7 +29,7 @@ PEAK_TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {}
 _LINES = ("kp_index",) * 6  # n_planes, lines, length, line_stride, step, lanes (kpnet/cuda/pooling.cu)
 for _t, _suffix, _g in POOL_TYPES.values():
-    KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES, "int"))
+    KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", f"{_t}*", *_LINES, "int"))
     KERNELS[f"corner_pool_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", f"{_t}*",
                                                                  "double*", "kp_index*", "unsigned long long*", *_LINES,
                                                                  "int"))
@@ -90,8 +90,9 @@ def launch(name: str, n_threads: int, args: list[Any], backend: str, device: tor
         raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-# Rows per CPU thread in a W-scan (pooling.cu interleaves them four at a time in the backward pass).
-ROW_LANES = 16
+# Rows per CPU thread in a W-scan (pooling.cu: forward by log-step in the thread's scratch, backward four
+# rows at a time); large, so the forward's per-thread scratch stays small next to the tensor.
+ROW_LANES = 512
 
 
 def pool_lanes(backend: str, x: Tensor, dim: int) -> int:
@@ -123,15 +124,21 @@ def _scratch(x: Tensor, lines: tuple[int, int, int, int, int], lanes: int) -> li
     return [torch.empty(n, dtype=torch.float64, device=x.device), torch.empty(n, dtype=torch.int64, device=x.device)]
 
 
-def corner_pool_forward(x: Tensor, direction: str, backend: str, lanes: int | None = None) -> Tensor:
-    """Corner pooling forward by kernel (kpnet/cuda/pooling.cu); `lanes` overrides pool_lanes (tests)."""
+def corner_pool_forward(x: Tensor, direction: str, backend: str, lanes: int | None = None,
+                        out: Tensor | None = None) -> Tensor:
+    """Corner pooling forward by kernel (kpnet/cuda/pooling.cu); `lanes` overrides pool_lanes (tests), `out`
+    is a contiguous tensor like x to write into (benchmarks/ops.py times the kernel alone with it)."""
     dim, reverse = _SCAN[direction]
     x = x.contiguous()
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     lanes = lanes or pool_lanes(backend, x, dim)
     lines = _lines(x, dim)
-    launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
-           [x, out, *lines, lanes, int(reverse)], backend, x.device)
+    n_threads = _threads(lines, lanes)
+    # Per-thread scratch for the log-step W-scan (pooling.cu): two padded lines of 3·length each.
+    scratch_len = n_threads * 6 * lines[2] if lanes > 1 and lines[3] != 1 else 1
+    scratch = torch.empty(scratch_len, dtype=x.dtype, device=x.device)
+    launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", n_threads,
+           [x, out, scratch, *lines, lanes, int(reverse)], backend, x.device)
     return out
 
 
@@ -140,11 +147,13 @@ def _grad_buffer(x: Tensor) -> Tensor:
     return torch.empty(x.shape, dtype=grad_dtype, device=x.device)
 
 
-def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, lanes: int | None = None) -> Tensor:
-    """Corner pooling backward by kernel: recompute the argmax from x, sum gradients in double."""
+def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, lanes: int | None = None,
+                         grad_in: Tensor | None = None) -> Tensor:
+    """Corner pooling backward by kernel: recompute the argmax from x, sum gradients in double; `grad_in`
+    as `out` of corner_pool_forward (float32 and float64 only: 16-bit types sum into a float64 buffer)."""
     dim, reverse = _SCAN[direction]
     x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
-    grad_in = _grad_buffer(x)
+    grad_in = _grad_buffer(x) if grad_in is None else grad_in
     lanes = lanes or pool_lanes(backend, x, dim)
     lines = _lines(x, dim)
     scratch = _scratch(x, lines, lanes)

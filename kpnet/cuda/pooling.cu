@@ -7,8 +7,8 @@
 // Each thread owns `lanes` adjacent lines, chosen by the launch layer (kpnet/cuda/launch.py): on the
 // GPU lanes = 1, so adjacent threads walk adjacent columns and loads coalesce; the CPU emulator gives
 // a thread a whole plane's columns (a contiguous inner loop over a row that g++ vectorizes) or a
-// block of rows (eight at a time: independent, branch-free select and accumulation chains). Either way
-// a thread's outputs are its own.
+// block of rows (forward: each row by log-step doubling in the thread's scratch; backward: four at a
+// time, independent accumulation chains). Either way a thread's outputs are its own.
 // Tie/NaN/gradient rules: kpnet/ops/pooling.py. Gradients accumulate in double in scan order; with
 // lanes > 1 the per-line running sums and argmax positions live in `acc`/`arg` (one slot per line).
 #include "kpnet_types.cuh"
@@ -42,39 +42,6 @@ __device__ __forceinline__ void running_max_line(const T* __restrict__ x, T* __r
     }
 }
 
-// One contiguous line (step DIR = ±1, known at compile time): blocks of KP_BLOCK elements that all stay
-// below the running max (the common case once a line has been scanned a little) are tested branch-free
-// and written as one vectorized fill; other blocks take the element-by-element scan.
-#define KP_BLOCK 8
-template <int DIR, typename T>
-__device__ __forceinline__ void running_max_contiguous(const T* __restrict__ x, T* __restrict__ out, kp_index p,
-                                                       kp_index length) {
-    T best = x[p];
-    out[p] = best;
-    kp_index t = 1;
-    for (; t + KP_BLOCK <= length; t += KP_BLOCK) {
-        const T* __restrict__ xs = x + p + DIR * t;
-        T* __restrict__ os = out + p + DIR * t;
-        auto b = kp_widen(best);
-        int any = 0;
-        for (int k = 0; k < KP_BLOCK; ++k) any |= (int)kp_takes_max_select(kp_widen(xs[DIR * k]), b);
-        if (!any) {
-            for (int k = 0; k < KP_BLOCK; ++k) os[DIR * k] = best;
-        } else {
-            for (int k = 0; k < KP_BLOCK; ++k) {
-                T v = xs[DIR * k];
-                if (kp_takes_max(kp_widen(v), kp_widen(best))) best = v;
-                os[DIR * k] = best;
-            }
-        }
-    }
-    for (; t < length; ++t) {
-        T v = x[p + DIR * t];
-        if (kp_takes_max(kp_widen(v), kp_widen(best))) best = v;
-        out[p + DIR * t] = best;
-    }
-}
-
 // Adjacent columns, rows outer: the previous output row is the running max, so no per-line state.
 template <typename T>
 __device__ __forceinline__ void running_max_rows(const T* __restrict__ x, T* __restrict__ out, kp_index p,
@@ -92,48 +59,70 @@ __device__ __forceinline__ void running_max_rows(const T* __restrict__ x, T* __r
     }
 }
 
-// R lines `line_stride` apart scanned together, branch-free: R independent select chains in flight.
-template <int R, typename T>
-__device__ __forceinline__ void running_max_interleaved(const T* __restrict__ x, T* __restrict__ out, kp_index p,
-                                                        kp_index line_stride, kp_index length, kp_index step) {
-    T best[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-        best[r] = x[p + r * line_stride];
-        out[p + r * line_stride] = best[r];
+// The tie/NaN rule as a choice between two candidates, `earlier` and `later` in scan order. It is
+// associative (the latest of the maximal elements wins however the line is split), so a running max
+// may be computed by log-step doubling and still give the sequential scan's bits.
+template <typename T>
+__device__ __forceinline__ T kp_pick(T earlier, T later) {
+    return kp_takes_max_select(kp_widen(later), kp_widen(earlier)) ? later : earlier;
+}
+
+// One log-step pass over a line held in scan direction DIR: dst[i] = pick(src[i - DIR·s], src[i]). src is
+// padded with -inf (the identity of pick) for `s` elements before its first element in scan order.
+template <int DIR, typename T>
+__device__ __forceinline__ void logstep_pass(const T* __restrict__ src, T* __restrict__ dst, kp_index length,
+                                             kp_index s) {
+    for (kp_index i = 0; i < length; ++i) dst[i] = kp_pick(src[i - DIR * s], src[i]);
+}
+
+// A contiguous line's running max in ⌈log₂ length⌉ vectorizable passes (CPU threads that own rows of a
+// W-scan; a sequential scan there is one long compare-and-select chain). `a` and `b` are the thread's two
+// scratch lines, each with `length` elements of -inf on both sides; the last pass writes `out`.
+template <int DIR, typename T>
+__device__ __forceinline__ void running_max_logstep(const T* __restrict__ x, T* __restrict__ out,
+                                                    T* __restrict__ a, T* __restrict__ b, kp_index length) {
+    if (length == 1) {
+        out[0] = x[0];
+        return;
     }
-    for (kp_index t = 1; t < length; ++t) {
-        p += step;
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-            T v = x[p + r * line_stride];
-            best[r] = kp_takes_max_select(kp_widen(v), kp_widen(best[r])) ? v : best[r];
-            out[p + r * line_stride] = best[r];
-        }
+    for (kp_index i = 0; i < length; ++i) a[i] = x[i];
+    kp_index s = 1;
+    for (; 2 * s < length; s *= 2) {
+        logstep_pass<DIR, T>(a, b, length, s);
+        T* t = a;
+        a = b;
+        b = t;
     }
+    logstep_pass<DIR, T>(a, out, length, s);
 }
 
 template <typename T>
-__device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* __restrict__ out, kp_index n_planes,
+__device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* __restrict__ out,
+                                                    T* __restrict__ scratch, T lowest, kp_index n_planes,
                                                     kp_index lines, kp_index length, kp_index line_stride,
                                                     kp_index step, kp_index lanes, int reverse) {
     kp_index first, count, start;
     if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
-    if (reverse) {
-        start += (length - 1) * step;
-        step = -step;
-    }
     if (line_stride == 1 && count > 1) {
+        if (reverse) {
+            start += (length - 1) * step;
+            step = -step;
+        }
         running_max_rows<T>(x, out, start, count, length, step);
-    } else if (count > 1 && (step == 1 || step == -1)) {
-        kp_index i = 0;
-        for (; i + 8 <= count; i += 8)
-            running_max_interleaved<8, T>(x, out, start + i * line_stride, line_stride, length, step);
-        for (; i < count; ++i) {
-            if (step == 1) running_max_contiguous<1, T>(x, out, start + i * line_stride, length);
-            else running_max_contiguous<-1, T>(x, out, start + i * line_stride, length);
+    } else if (count > 1 && step == 1) {
+        // This thread's scratch: two lines of `length`, each between `length` elements of -inf.
+        T* __restrict__ pad = scratch + ((kp_index)blockIdx.x * blockDim.x + threadIdx.x) * 6 * length;
+        for (kp_index i = 0; i < 6 * length; ++i) pad[i] = lowest;
+        for (kp_index i = 0; i < count; ++i) {
+            kp_index p = start + i * line_stride;
+            if (reverse) running_max_logstep<-1, T>(x + p, out + p, pad + length, pad + 4 * length, length);
+            else running_max_logstep<1, T>(x + p, out + p, pad + length, pad + 4 * length, length);
         }
     } else {
+        if (reverse) {
+            start += (length - 1) * step;
+            step = -step;
+        }
         for (kp_index i = 0; i < count; ++i) running_max_line<T>(x, out, start + i * line_stride, length, step);
     }
 }
@@ -331,8 +320,9 @@ __device__ __forceinline__ void line_max_backward(const T* __restrict__ x, const
 #define KP_LINES kp_index n_planes, kp_index lines, kp_index length, kp_index line_stride, kp_index step, kp_index lanes
 #define KP_LINE_ARGS n_planes, lines, length, line_stride, step, lanes
 #define KP_POOLING_KERNELS(T, G, SUFFIX)                                                                         \
-    extern "C" __global__ void corner_pool_forward_##SUFFIX(const T* x, T* out, KP_LINES, int reverse) {        \
-        running_max_forward<T>(x, out, KP_LINE_ARGS, reverse);                                                   \
+    extern "C" __global__ void corner_pool_forward_##SUFFIX(const T* x, T* out, T* scratch, KP_LINES,            \
+                                                            int reverse) {                                       \
+        running_max_forward<T>(x, out, scratch, kp_lowest_##SUFFIX(), KP_LINE_ARGS, reverse);                    \
     }                                                                                                            \
     extern "C" __global__ void corner_pool_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in, T* best, \
                                                              double* acc, kp_index* arg, unsigned long long* hit, \
