@@ -28,7 +28,7 @@ __device__ __forceinline__ bool kp_thread_lines(kp_index n_planes, kp_index line
     return true;
 }
 
-// One line scanned with the running max in a register (GPU threads; W-scans on the CPU).
+// One line scanned with the running max in a register (a GPU thread owns one line).
 template <typename T>
 __device__ __forceinline__ void running_max_line(const T* __restrict__ x, T* __restrict__ out, kp_index p,
                                                  kp_index length, kp_index step) {
