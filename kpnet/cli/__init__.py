@@ -10,7 +10,7 @@ from kpnet import __version__
 
 app = typer.Typer(
     name="kpnet",
-    help="Keypoint-based object detection: CornerNet, CenterNet (triplets, points), CentripetalNet.",
+    help="Keypoint-based object detection: CornerNet and CenterNet (keypoint triplets, objects as points).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -29,10 +29,12 @@ def _main(
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
 ) -> None:
-    """kpnet: train, evaluate, analyse, export and visualise keypoint detectors."""
+    """kpnet: prepare data for, train, evaluate, analyse and visualise keypoint detectors."""
 
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("train", "eval", "fd_analysis", "collision_stats", "prepare_data", "info", "error_analysis", "visualize")
+SUBCOMMAND_MODULES: tuple[str, ...] = (
+    "prepare_data", "train", "eval", "fd_analysis", "error_analysis", "collision_stats", "visualize", "info",
+)
 
 
 def _register() -> None:
