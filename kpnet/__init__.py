@@ -1,4 +1,5 @@
-"""kpnet: keypoint-based object detection (CornerNet, CenterNet: keypoint triplets and objects as points) in plain PyTorch.
+"""kpnet: keypoint-based object detection in plain PyTorch (CornerNet; CenterNet: keypoint triplets,
+objects as points).
 
 Library API: `load_recipe`, `build_model`, `load_checkpoint`, `detect` (imported lazily, so the
 command line starts without loading PyTorch for `--help` and `--version`).
