@@ -58,6 +58,10 @@ def _pool_inputs():
         "1x1": torch.randn(1, 2, 1, 1, generator=g),
         "odd": torch.randn(1, 1, 1, 9, generator=g),
         "noncontig": torch.randn(2, 9, 3, 7, generator=g).permute(0, 2, 3, 1),
+        # CPU vector lanes: ragged blocks of rows and columns, several threads of rows, partial position tiles
+        "ragged_tiles": torch.randn(1, 3, 203, 37, generator=g),
+        "all_equal": torch.full((1, 2, 19, 21), 0.5),  # every element is a new maximum (ties)
+        "length_one": torch.randn(1, 2, 1, 40, generator=g).transpose(2, 3),
         "f64": torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64),
         "f16_ties": torch.randint(-2, 3, (1, 3, 7, 9), generator=g).half(),
         "bf16": torch.randn(1, 3, 7, 9, generator=g).bfloat16(),
@@ -80,6 +84,60 @@ def test_line_max_bit_identical(monkeypatch, name):
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(line_max, x, dim))
         _bits_equal(y_ref, y_emu)
         _bits_equal(g_ref, g_emu)
+
+
+@pytest.mark.parametrize("specials", [(0x7FC00001, 0x7F800001, 0x7F800000), (0x7F800000, 0xFF800000)])
+def test_corner_pool_nan_and_inf_gradients_bit_identical(monkeypatch, specials):
+    """Gradients holding NaNs (a quiet and a signaling pattern of one payload) and infinities sum to the
+    reference's bits. (Which payload a sum of two different NaNs keeps depends on operand order, which IEEE and
+    compilers leave open, so each case holds one payload: NaN and +inf, or +inf and -inf, whose sum is NaN.)"""
+    g = torch.Generator().manual_seed(8)
+    x = torch.randint(0, 4, (1, 2, 17, 18), generator=g).float()
+    grad = torch.randn(x.shape, generator=g)
+    special = torch.tensor(specials, dtype=torch.int64)
+    mask = torch.rand(x.shape, generator=g) < 0.2
+    grad.view(torch.int32)[mask] = special[torch.randint(0, len(specials), (int(mask.sum()),), generator=g)].to(
+        torch.int32)
+    for direction in DIRECTIONS:
+        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, lambda: _grad_of(x, direction, grad))
+        _bits_equal(g_ref, g_emu)
+        assert g_ref.isnan().any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_corner_pool_every_16bit_pattern_bit_identical(monkeypatch, dtype):
+    """Every 16-bit pattern (subnormals, ±0, ±inf, NaN payloads) keeps its bits through the CPU lanes' widening."""
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    perm = torch.randperm(bits.numel(), generator=torch.Generator().manual_seed(6))
+    x = bits[perm].view(dtype).reshape(1, 4, 128, 128)
+    for direction in DIRECTIONS:
+        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
+        _bits_equal(y_ref, y_emu)
+        _bits_equal(g_ref, g_emu)
+
+
+def test_emulator_launches_from_two_threads(monkeypatch):
+    """Concurrent launches (ctypes releases the GIL) keep their own launch state and scratch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kpnet.cuda import launch
+
+    g = torch.Generator().manual_seed(10)
+    xs = [torch.randn(2, 8, 64, 48, generator=g) for _ in range(8)]
+    grads = [torch.randn(x.shape, generator=g) for x in xs]
+    want = [(launch.corner_pool_forward(x, d, "emulate"), launch.corner_pool_backward(x, gr, d, "emulate"))
+            for x, gr, d in zip(xs, grads, DIRECTIONS * 2)]
+
+    def run(i):
+        return [(launch.corner_pool_forward(xs[i], d, "emulate"), launch.corner_pool_backward(xs[i], grads[i], d,
+                                                                                              "emulate"))
+                for d in [DIRECTIONS[i % 4]] * 20][-1]
+
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(run, range(8)))
+    for (y, gi), (y_want, g_want) in zip(got, want):
+        _bits_equal(y, y_want)
+        _bits_equal(gi, g_want)
 
 
 def test_tie_rule_gradient_goes_to_latest_scanned(monkeypatch):

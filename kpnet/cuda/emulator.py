@@ -98,7 +98,7 @@ def build(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> Path:
     digest = hashlib.sha256()
     for part in (unit, _compiler_version(cxx), " ".join(CXX_FLAGS), _host_cpu()):
         digest.update(part.encode())
-    for f in sorted(SOURCE_DIR.glob("*.cu")) + sorted(SOURCE_DIR.glob("*.cuh")) + [SOURCE_DIR / "kpnet_shim.h"]:
+    for f in sorted(SOURCE_DIR.glob("*.cu")) + sorted(SOURCE_DIR.glob("*.cuh")) + sorted(SOURCE_DIR.glob("*.h")):
         digest.update(f.name.encode() + f.read_bytes())
     target = cache_dir() / f"kpnet_emulator_{digest.hexdigest()[:24]}.so"
     if target.exists():

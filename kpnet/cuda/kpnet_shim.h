@@ -3,6 +3,7 @@
 // every thread in order, calling the kernel once per thread. This is faithful only because kpnet
 // kernels have no shared memory, no __syncthreads, no warp intrinsics and no inter-thread races.
 #pragma once
+#define KPNET_EMULATOR 1
 #include <math.h>
 #include <cstring>
 
@@ -16,7 +17,7 @@ struct dim3 {
     unsigned int x, y, z;
 };
 
-static dim3 threadIdx, blockIdx, blockDim, gridDim;
+static thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;  // per OS thread: launches may overlap
 
 static inline float __int_as_float(int i) {
     float f;

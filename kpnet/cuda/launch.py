@@ -29,9 +29,8 @@ PEAK_TYPES = {torch.float32: ("float", "f32"), torch.float64: ("double", "f64")}
 KERNELS: dict[str, tuple[str, tuple[str, ...]]] = {}
 _LINES = ("kp_index",) * 6  # n_planes, lines, length, line_stride, step, lanes (kpnet/cuda/pooling.cu)
 for _t, _suffix, _g in POOL_TYPES.values():
-    KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", f"{_t}*", *_LINES, "int"))
-    KERNELS[f"corner_pool_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", f"{_t}*",
-                                                                 "double*", "kp_index*", "unsigned long long*", *_LINES,
+    KERNELS[f"corner_pool_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES, "int"))
+    KERNELS[f"corner_pool_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", *_LINES,
                                                                  "int"))
     KERNELS[f"line_max_forward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"{_t}*", *_LINES))
     KERNELS[f"line_max_backward_{_suffix}"] = ("pooling.cu", (f"const {_t}*", f"const {_t}*", f"{_g}*", "double*",
@@ -90,15 +89,13 @@ def launch(name: str, n_threads: int, args: list[Any], backend: str, device: tor
         raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-# Rows per CPU thread in a W-scan (pooling.cu: forward by log-step in the thread's scratch, backward four
-# rows at a time); large, so the forward's per-thread scratch stays small next to the tensor.
+# Rows per CPU thread in a W-scan (pooling.cu runs them as vector lanes, kpnet_cpu_lanes.h).
 ROW_LANES = 512
 
 
 def pool_lanes(backend: str, x: Tensor, dim: int) -> int:
     """Lines per thread (pooling.cu): 1 on the GPU (adjacent threads, adjacent columns: coalesced loads);
-    on the CPU a whole plane's columns for H-scans (a contiguous, vectorized row loop) and ROW_LANES rows
-    for W-scans."""
+    on the CPU a whole plane's columns for H-scans and ROW_LANES rows for W-scans."""
     if backend == "cuda":
         return 1
     return x.shape[3] if dim == 2 else ROW_LANES
@@ -131,14 +128,10 @@ def corner_pool_forward(x: Tensor, direction: str, backend: str, lanes: int | No
     dim, reverse = _SCAN[direction]
     x = x.contiguous()
     out = torch.empty_like(x) if out is None else out
-    lanes = lanes or pool_lanes(backend, x, dim)
     lines = _lines(x, dim)
-    n_threads = _threads(lines, lanes)
-    # Per-thread scratch for the log-step W-scan (pooling.cu): two padded lines of 3·length each.
-    scratch_len = n_threads * 6 * lines[2] if lanes > 1 and lines[3] != 1 else 1
-    scratch = torch.empty(scratch_len, dtype=x.dtype, device=x.device)
-    launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", n_threads,
-           [x, out, scratch, *lines, lanes, int(reverse)], backend, x.device)
+    lanes = lanes or pool_lanes(backend, x, dim)
+    launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes), [x, out, *lines, lanes,
+                                                                                     int(reverse)], backend, x.device)
     return out
 
 
@@ -154,14 +147,10 @@ def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, 
     dim, reverse = _SCAN[direction]
     x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
     grad_in = _grad_buffer(x) if grad_in is None else grad_in
-    lanes = lanes or pool_lanes(backend, x, dim)
     lines = _lines(x, dim)
-    scratch = _scratch(x, lines, lanes)
-    n_threads = _threads(lines, lanes)
-    hit = torch.empty(n_threads * -(-lanes // 8) if lanes > 1 else 1, dtype=torch.int64, device=x.device)
-    launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", n_threads,
-           [x, grad, grad_in, torch.empty_like(scratch[0], dtype=x.dtype), *scratch, hit, *lines, lanes, int(reverse)],
-           backend, x.device)
+    lanes = lanes or pool_lanes(backend, x, dim)
+    launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
+           [x, grad, grad_in, *lines, lanes, int(reverse)], backend, x.device)
     return grad_in.to(x.dtype)
 
 

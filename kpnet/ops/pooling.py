@@ -11,7 +11,9 @@ NaN rule: NaN counts as larger than every number and the latest NaN wins, so onc
 scanned the output stays NaN and its gradient goes to the most recent NaN (again `torch.cummax`).
 
 Gradient rule: the gradient of an input element is the sum, in scan order, of the output
-gradients whose argmax it is, accumulated in float64 and rounded once to the input dtype.
+gradients whose argmax it is, accumulated in float64 and rounded once to the input dtype. (Which
+payload a sum of two different NaN gradients keeps is left open, as IEEE 754 leaves it to operand
+order.)
 
 The PyTorch reference, the CUDA kernels (kpnet/cuda/pooling.cu) and the g++ emulator of those
 kernels all follow these rules, so forward and backward agree bit for bit. Under ONNX export the

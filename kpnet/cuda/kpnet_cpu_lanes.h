@@ -1,0 +1,461 @@
+// The emulator's multi-line CPU threads (kpnet/cuda/launch.py gives a CPU thread many scan lines; a GPU
+// thread owns one): the lines are processed L at a time as the lanes of 64-byte vectors (GCC/Clang vector
+// extensions, lowered to AVX-512, AVX2, NEON or scalar code by the host compiler). Lane r of step p holds
+// position p of line r. Lines of adjacent columns load a step directly; lines that are rows load an L×L
+// tile of row pieces and transpose it in registers. Compiled only by the emulator (kpnet_shim.h defines
+// KPNET_EMULATOR): vectors here are one thread's registers, never shared between threads.
+#pragma once
+#include <cstring>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace kp_cpu {
+
+// Vectors for a key type K (the type comparisons run in): L lanes of K and their mask, and the same L lanes
+// as H vectors of 8 doubles (gradient sums; arithmetic and selects on wider generic vectors compile to
+// scalar code, so only the conversion itself runs on all 16 lanes at once) with their masks.
+typedef double vd8 __attribute__((vector_size(64)));
+typedef long long md8 __attribute__((vector_size(64)));
+typedef unsigned long long ud8 __attribute__((vector_size(64)));
+
+template <typename K>
+struct lanes;
+
+template <>
+struct lanes<float> {
+    static constexpr int L = 16, H = 2;
+    static constexpr unsigned int NOT_MAXIMUM = 0x7f800001u;  // a signaling NaN (see grad)
+    typedef float vk __attribute__((vector_size(64)));
+    typedef int mk __attribute__((vector_size(64)));
+    typedef unsigned int uk __attribute__((vector_size(64)));
+    typedef float half __attribute__((vector_size(32)));
+    typedef double all_double __attribute__((vector_size(128)));  // converted whole, then split
+    static void to_doubles(vk v, vd8* d) {
+        all_double wide = __builtin_convertvector(v, all_double);
+        std::memcpy(d, &wide, sizeof wide);
+    }
+    static md8 to_double_mask(mk m, int h) {  // each 64-bit lane: its 32-bit mask twice
+        return (md8)(h ? __builtin_shufflevector(m, m, 8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15)
+                       : __builtin_shufflevector(m, m, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7));
+    }
+    static vk from_double(const vd8* d) {
+        half lo = __builtin_convertvector(d[0], half), hi = __builtin_convertvector(d[1], half);
+        return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    }
+};
+
+template <>
+struct lanes<double> {
+    static constexpr int L = 8, H = 1;
+    static constexpr unsigned long long NOT_MAXIMUM = 0x7ff0000000000001ull;
+    typedef double vk __attribute__((vector_size(64)));
+    typedef long long mk __attribute__((vector_size(64)));
+    typedef unsigned long long uk __attribute__((vector_size(64)));
+    static void to_doubles(vk v, vd8* d) { d[0] = v; }
+    static md8 to_double_mask(mk m, int) { return (md8)m; }
+    static vk from_double(const vd8* d) { return d[0]; }
+};
+
+// Storage type T -> key type, and exact conversions of L contiguous elements between the two. 16-bit
+// floats widen bit-exactly (as kp_widen) and narrow back to the same bits, NaN payloads included, so a
+// forward output can be stored from its key.
+template <typename T>
+struct storage;
+
+template <>
+struct storage<float> {
+    typedef float key;
+    typedef lanes<float>::vk vk;
+    static vk load(const float* p) { vk v; std::memcpy(&v, p, sizeof v); return v; }
+    static void store(float* p, vk v) { std::memcpy(p, &v, sizeof v); }
+};
+
+template <>
+struct storage<double> {
+    typedef double key;
+    typedef lanes<double>::vk vk;
+    static vk load(const double* p) { vk v; std::memcpy(&v, p, sizeof v); return v; }
+    static void store(double* p, vk v) { std::memcpy(p, &v, sizeof v); }
+};
+
+typedef unsigned short u16x16 __attribute__((vector_size(32)));
+
+template <>
+struct storage<kp_bf16> {
+    typedef float key;
+    typedef lanes<float>::vk vk;
+    typedef lanes<float>::uk uk;
+    static vk load(const kp_bf16* p) {
+        u16x16 raw;
+        std::memcpy(&raw, p, sizeof raw);
+        return (vk)(__builtin_convertvector(raw, uk) << 16);
+    }
+    static void store(kp_bf16* p, vk v) {
+        u16x16 raw = __builtin_convertvector((uk)v >> 16, u16x16);
+        std::memcpy(p, &raw, sizeof raw);
+    }
+};
+
+template <>
+struct storage<kp_f16> {
+    typedef float key;
+    typedef lanes<float>::vk vk;
+    typedef lanes<float>::uk uk;
+    typedef lanes<float>::mk mk;
+    static vk load(const kp_f16* p) {
+        u16x16 raw16;
+        std::memcpy(&raw16, p, sizeof raw16);
+        uk raw = __builtin_convertvector(raw16, uk);
+        uk sign = (raw & 0x8000u) << 16, exponent = (raw >> 10) & 0x1fu, mantissa = raw & 0x3ffu;
+        uk normal = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+        uk special = sign | 0x7f800000u | (mantissa << 13);
+        // zero and subnormal halves are mantissa · 2^-24 exactly
+        uk small = sign | (uk)(__builtin_convertvector(mantissa, vk) * 0x1p-24f);
+        return (vk)(exponent == 0x1fu ? special : exponent == 0u ? small : normal);
+    }
+    static void store(kp_f16* p, vk v) {
+        uk bits = (uk)v;
+        uk sign = (bits >> 16) & 0x8000u, exponent = (bits >> 23) & 0xffu, mantissa = bits & 0x7fffffu;
+        uk special = sign | 0x7c00u | (mantissa >> 13);
+        uk normal = sign | ((exponent - 112u) << 10) | (mantissa >> 13);
+        vk magnitude = (vk)(bits & 0x7fffffffu);
+        uk small = sign | __builtin_convertvector(magnitude * 0x1p24f, uk);
+        uk raw = exponent == 0xffu ? special : exponent >= 113u ? normal : small;
+        u16x16 raw16 = __builtin_convertvector(raw, u16x16);
+        std::memcpy(p, &raw16, sizeof raw16);
+    }
+};
+
+template <typename T>
+using key_lanes = lanes<typename storage<T>::key>;
+
+// n (< L) contiguous elements as a vector, the other lanes `fill`.
+template <typename T>
+inline typename key_lanes<T>::vk load_part(const T* p, int n, typename key_lanes<T>::vk fill) {
+    constexpr int L = key_lanes<T>::L;
+    T buf[L] = {};
+    std::memcpy(buf, p, n * sizeof(T));
+    typename key_lanes<T>::vk v = storage<T>::load(buf);
+    for (int i = n; i < L; ++i) v[i] = fill[i];
+    return v;
+}
+
+template <typename T>
+inline void store_part(T* p, typename key_lanes<T>::vk v, int n) {
+    T buf[key_lanes<T>::L];
+    storage<T>::store(buf, v);
+    std::memcpy(p, buf, n * sizeof(T));
+}
+
+// Swap the off-diagonal S×S blocks of rows a and b (b = a + S): one stage of an L×L transpose, which
+// exchanges bit S of the row and column indices.
+template <int S, typename V, int... K>
+inline void swap_blocks(V& a, V& b, std::integer_sequence<int, K...>) {
+    constexpr int L = sizeof...(K);
+    V lo = __builtin_shufflevector(a, b, ((K & S) ? K - S + L : K)...);
+    V hi = __builtin_shufflevector(a, b, ((K & S) ? K + L : K + S)...);
+    a = lo;
+    b = hi;
+}
+
+template <int S, int L, typename V>
+inline void transpose_stage(V* t) {
+    for (int i = 0; i < L; ++i)
+        if ((i & S) == 0) swap_blocks<S>(t[i], t[i + S], std::make_integer_sequence<int, L>{});
+}
+
+template <int L, typename V>
+inline void transpose(V* t) {
+    transpose_stage<1, L>(t);
+    transpose_stage<2, L>(t);
+    transpose_stage<4, L>(t);
+    if constexpr (L == 16) transpose_stage<8, L>(t);
+}
+
+// Rows of a W-scan: `lines` (<= L) rows starting `line_stride` apart, positions contiguous. tile[j] holds
+// position p0 + j of every row (np <= L positions); loads and stores transpose the L×L tile in registers.
+// A tile touches one cache line per row, a pattern the hardware prefetchers miss: each load and store also
+// prefetches the same tile of the next L rows.
+template <typename T, typename V>
+inline void load_rows(const T* base, kp_index line_stride, int lines, kp_index p0, int np, V fill, V* tile,
+                      kp_index pf) {
+    constexpr int L = key_lanes<T>::L;
+    for (int r = 0; r < L; ++r) {
+        const T* row = base + r * line_stride + p0;
+        __builtin_prefetch(base + (r + L) * line_stride + pf);
+        tile[r] = r >= lines ? fill : np == L ? storage<T>::load(row) : load_part(row, np, fill);
+    }
+    transpose<L>(tile);
+}
+
+template <typename T, typename V>
+inline void store_rows(T* base, kp_index line_stride, int lines, kp_index p0, int np, V* tile, kp_index pf) {
+    constexpr int L = key_lanes<T>::L;
+    transpose<L>(tile);
+    for (int r = 0; r < lines; ++r) {
+        T* row = base + r * line_stride + p0;
+        __builtin_prefetch(base + (r + L) * line_stride + pf, 1);
+        if (np == L) storage<T>::store(row, tile[r]);
+        else store_part(row, tile[r], np);
+    }
+}
+
+// One position of n (<= L) adjacent columns.
+template <typename T, typename V>
+inline V load_lanes(const T* p, int n, V fill) {
+    return n == key_lanes<T>::L ? storage<T>::load(p) : load_part(p, n, fill);
+}
+
+template <typename T, typename V>
+inline void store_lanes(T* p, V v, int n) {
+    if (n == key_lanes<T>::L) storage<T>::store(p, v);
+    else store_part(p, v, n);
+}
+
+// The tie/NaN rule of kp_takes_max_select, L lanes at once.
+template <typename V>
+inline auto takes_max(V v, V best) {
+    return (v >= best) | (v != v);
+}
+
+// Positions of a line visited tile by tile in scan order: tile k covers [k·L, min(k·L + L, length)).
+struct tiles {
+    kp_index length;
+    int L;
+    bool reverse;
+    kp_index count() const { return (length + L - 1) / L; }
+    kp_index start(kp_index i) const { return (reverse ? count() - 1 - i : i) * L; }
+    int size(kp_index p0) const { return length - p0 < L ? (int)(length - p0) : L; }
+};
+
+// Positions of an H-scan are rows of the plane, each a separate short stream for the hardware prefetchers,
+// which fall behind (most of all scanning upwards): the column loops prefetch the row AHEAD positions on.
+constexpr kp_index AHEAD = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, kp_index count, int write) {
+    for (kp_index b = 0; b < count; b += 64 / (kp_index)sizeof(T)) {
+        if (write) __builtin_prefetch(row + b, 1);
+        else __builtin_prefetch(row + b);
+    }
+}
+
+// Per-thread scratch that outlives a call (the emulator runs a launch's threads one after another).
+template <typename V>
+inline V* scratch(std::vector<V>& buffer, kp_index n) {
+    if ((kp_index)buffer.size() < n) buffer.resize(n);
+    return buffer.data();
+}
+
+// The gradient of L lanes as G. Pass 1 of the backward records per lane either the total of the run that
+// a new maximum closes (rounded to G once) or NOT_MAXIMUM, a signaling NaN of G: no rounded sum is one
+// (arithmetic and conversion only make quiet NaNs). Pass 2 turns the records back into gradients.
+template <typename K, typename G>
+struct grad;
+
+// G is the key type: float (rounded once from the float64 sums) or double.
+template <typename K>
+struct grad<K, K> {
+    typedef lanes<K> ln;
+    typedef typename ln::vk gv;
+    static gv close(typename ln::mk takes, const vd8* sum) {
+        return takes ? ln::from_double(sum) : (gv)(typename ln::uk{} + ln::NOT_MAXIMUM);
+    }
+    static gv hand_back(gv closed, gv& total) {
+        typename ln::mk starts = (typename ln::mk)((typename ln::uk)closed != ln::NOT_MAXIMUM);
+        gv value = starts ? total : gv{};
+        total = starts ? closed : total;
+        return value;
+    }
+    static void store(K* p, gv v, int n) { store_lanes(p, v, n); }
+    static void store_tile(K* base, kp_index line_stride, int lines, kp_index p0, int np, gv* tile, kp_index pf) {
+        store_rows(base, line_stride, lines, p0, np, tile, pf);
+    }
+};
+
+// 16-bit storage: float keys, float64 gradients (the launch layer rounds them); tiles stored per element.
+template <>
+struct grad<float, double> {
+    typedef lanes<float> ln;
+    typedef grad<double, double> eight;  // each half of the 16 lanes
+    struct gv { vd8 h[2]; };
+    static gv close(ln::mk takes, const vd8* sum) {
+        gv r;
+        for (int h = 0; h < 2; ++h) r.h[h] = eight::close((lanes<double>::mk)ln::to_double_mask(takes, h), sum + h);
+        return r;
+    }
+    static gv hand_back(const gv& closed, gv& total) {
+        gv value;
+        for (int h = 0; h < 2; ++h) value.h[h] = eight::hand_back(closed.h[h], total.h[h]);
+        return value;
+    }
+    static void store(double* p, const gv& v, int n) { std::memcpy(p, v.h, n * sizeof(double)); }
+    static void store_tile(double* base, kp_index line_stride, int lines, kp_index p0, int np, gv* tile,
+                           kp_index) {
+        for (int j = 0; j < np; ++j)
+            for (int r = 0; r < lines; ++r) base[r * line_stride + p0 + j] = tile[j].h[r / 8][r % 8];
+    }
+};
+
+// Running max forward (kpnet/ops/pooling.py rules) of `count` adjacent columns whose positions are `step`
+// apart: row by row in scan order, every column vector's maximum moves. (The row and column loops here and in
+// backward_columns are written out: shared as lambdas, they measured 20-30% slower with g++ 12.)
+template <typename T>
+inline void forward_columns(const T* x, T* out, kp_index count, kp_index length, kp_index step, bool reverse,
+                            typename key_lanes<T>::vk lowest) {
+    typedef typename key_lanes<T>::vk vk;
+    constexpr int L = key_lanes<T>::L;
+    static thread_local std::vector<vk> best_buffer;
+    const int nv = (int)((count + L - 1) / L);
+    vk* best = scratch(best_buffer, nv);
+    for (int c = 0; c < nv; ++c) best[c] = lowest;
+    const kp_index ahead = (reverse ? -AHEAD : AHEAD) * step;
+    for (kp_index i = 0; i < length; ++i) {
+        kp_index p = (reverse ? length - 1 - i : i) * step;
+        if (i + AHEAD < length) {
+            prefetch_row(x + p + ahead, count, 0);
+            prefetch_row(out + p + ahead, count, 1);
+        }
+        for (int c = 0; c < nv; ++c) {
+            int n = count - c * L < L ? (int)(count - c * L) : L;
+            vk v = load_lanes(x + p + c * L, n, lowest);
+            best[c] = takes_max(v, best[c]) ? v : best[c];
+            store_lanes(out + p + c * L, best[c], n);
+        }
+    }
+}
+
+// Pass 1 of the backward for one lane vector (kpnet/ops/pooling.py gradient rule), in scan order: move the
+// lanes' maximum, record what a new maximum closes (grad<K, G>), restart its lane's float64 sum.
+template <typename T, typename G>
+struct backward_lanes {
+    typedef key_lanes<T> ln;
+    typedef typename ln::vk vk;
+    typedef typename ln::mk mk;
+    typedef grad<typename storage<T>::key, G> gr;
+    typedef typename gr::gv gv;
+    static constexpr int H = ln::H;
+
+    static void scan(vk x, vk g, vk& best, vd8* sum, gv& closed) {
+        mk takes = (mk)takes_max(x, best);
+        best = takes ? x : best;
+        closed = gr::close(takes, sum);
+        vd8 gd[H];
+        ln::to_doubles(g, gd);
+        for (int h = 0; h < H; ++h)  // 0.0 + g at a restart, as the reference (+0.0 is all bits clear)
+            sum[h] = (vd8)((ud8)sum[h] & ~(ud8)ln::to_double_mask(takes, h)) + gd[h];
+    }
+};
+
+// Running max backward of `count` adjacent columns whose positions are `step` apart: pass 1 in scan order
+// over the plane's rows, pass 2 against it, each gradient total handed to the maximum that starts its run.
+template <typename T, typename G>
+inline void backward_columns(const T* x, const T* grad_out, G* grad_in, kp_index count, kp_index length,
+                             kp_index step, bool reverse, typename key_lanes<T>::vk lowest) {
+    typedef backward_lanes<T, G> bl;
+    typedef typename bl::vk vk;
+    typedef typename bl::gv gv;
+    constexpr int L = key_lanes<T>::L, H = bl::H;
+    static thread_local std::vector<vk> best_buffer;
+    static thread_local std::vector<vd8> sum_buffer;
+    static thread_local std::vector<gv> closed_buffer;
+    const int nv = (int)((count + L - 1) / L);
+    vk* best = scratch(best_buffer, nv);
+    vd8* sum = scratch(sum_buffer, nv * H);
+    gv* closed = scratch(closed_buffer, (length + 1) * nv);  // the last nv: each vector's running total
+    for (int c = 0; c < nv; ++c) best[c] = lowest;
+    for (int c = 0; c < nv * H; ++c) sum[c] = vd8{};
+    const kp_index ahead = (reverse ? -AHEAD : AHEAD) * step;
+    for (kp_index i = 0; i < length; ++i) {
+        kp_index p = (reverse ? length - 1 - i : i) * step;
+        if (i + AHEAD < length) {
+            prefetch_row(x + p + ahead, count, 0);
+            prefetch_row(grad_out + p + ahead, count, 0);
+        }
+        for (int c = 0; c < nv; ++c) {
+            int n = count - c * L < L ? (int)(count - c * L) : L;
+            bl::scan(load_lanes(x + p + c * L, n, lowest), load_lanes(grad_out + p + c * L, n, vk{}), best[c],
+                     sum + c * H, closed[i * nv + c]);
+        }
+    }
+    gv* total = closed + length * nv;  // the total of the run holding the current position
+    for (int c = 0; c < nv; ++c) total[c] = bl::gr::close(~typename bl::mk{}, sum + c * H);
+    for (kp_index i = length - 1; i >= 0; --i) {
+        kp_index p = (reverse ? length - 1 - i : i) * step;
+        if (i >= AHEAD) prefetch_row(grad_in + p - ahead, count, 1);
+        for (int c = 0; c < nv; ++c) {
+            int n = count - c * L < L ? (int)(count - c * L) : L;
+            bl::gr::store(grad_in + p + c * L, bl::gr::hand_back(closed[i * nv + c], total[c]), n);
+        }
+    }
+}
+
+// Running max forward of `count` rows (positions contiguous), L rows at a time through transposed tiles.
+template <typename T>
+inline void forward_rows(const T* x, T* out, kp_index count, kp_index length, kp_index line_stride, bool reverse,
+                         typename key_lanes<T>::vk lowest) {
+    typedef typename key_lanes<T>::vk vk;
+    constexpr int L = key_lanes<T>::L;
+    tiles order{length, L, reverse};
+    for (kp_index l = 0; l < count; l += L) {
+        int lines = count - l < L ? (int)(count - l) : L;
+        const T* xb = x + l * line_stride;
+        T* ob = out + l * line_stride;
+        vk best = lowest, tile[L];
+        for (kp_index k = 0; k < order.count(); ++k) {
+            kp_index p0 = order.start(k);
+            int np = order.size(p0);
+            kp_index pf = k * L;  // the next rows' tiles prefetched in address order, whatever the scan order
+            load_rows(xb, line_stride, lines, p0, np, lowest, tile, pf);
+            for (int jj = 0; jj < np; ++jj) {
+                int j = reverse ? np - 1 - jj : jj;
+                best = takes_max(tile[j], best) ? tile[j] : best;
+                tile[j] = best;
+            }
+            store_rows(ob, line_stride, lines, p0, np, tile, pf);
+        }
+    }
+}
+
+// Running max backward of `count` rows (positions contiguous), L rows at a time through transposed tiles.
+// (Interleaving two blocks of L rows measured slower: more rows in flight, more cache lines per tile.)
+template <typename T, typename G>
+inline void backward_rows(const T* x, const T* grad_out, G* grad_in, kp_index count, kp_index length,
+                          kp_index line_stride, bool reverse, typename key_lanes<T>::vk lowest) {
+    typedef backward_lanes<T, G> bl;
+    typedef typename bl::vk vk;
+    typedef typename bl::gv gv;
+    constexpr int L = key_lanes<T>::L, H = bl::H;
+    static thread_local std::vector<gv> closed_buffer;
+    gv* closed = scratch(closed_buffer, length);
+    tiles order{length, L, reverse};
+    for (kp_index l = 0; l < count; l += L) {
+        int lines = count - l < L ? (int)(count - l) : L;
+        kp_index offset = l * line_stride;
+        vk xt[L], gt[L], best = lowest;
+        vd8 sum[H] = {};
+        for (kp_index k = 0; k < order.count(); ++k) {
+            kp_index p0 = order.start(k);
+            int np = order.size(p0);
+            load_rows(x + offset, line_stride, lines, p0, np, lowest, xt, k * L);
+            load_rows(grad_out + offset, line_stride, lines, p0, np, vk{}, gt, k * L);
+            for (int jj = 0; jj < np; ++jj) {
+                int j = reverse ? np - 1 - jj : jj;
+                bl::scan(xt[j], gt[j], best, sum, closed[reverse ? length - 1 - p0 - j : p0 + j]);  // by scan index
+            }
+        }
+        gv total = bl::gr::close(~typename bl::mk{}, sum), value[L];  // the total of the current position's run
+        for (kp_index k = order.count() - 1; k >= 0; --k) {
+            kp_index p0 = order.start(k);
+            int np = order.size(p0);
+            for (int jj = np - 1; jj >= 0; --jj) {
+                int j = reverse ? np - 1 - jj : jj;
+                value[j] = bl::gr::hand_back(closed[reverse ? length - 1 - p0 - j : p0 + j], total);
+            }
+            bl::gr::store_tile(grad_in + offset, line_stride, lines, p0, np, value, (order.count() - 1 - k) * L);
+        }
+    }
+}
+
+}  // namespace kp_cpu
