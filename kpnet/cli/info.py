@@ -11,6 +11,7 @@ from rich.table import Table
 from kpnet import __version__
 from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
 from kpnet.cuda import dispatch, emulator
+from kpnet.engine import host_memory
 
 OPS = ("corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge")
 
@@ -32,12 +33,15 @@ def _body(out: Output) -> dict[str, Any]:
     out.print(f"CuPy: {cupy_why}")
     out.print(f"emulator: {emu_why}; cache {emulator.cache_dir()}")
     out.print("float16/bfloat16 pooling and float32 decoding have kernels; other dtypes use the PyTorch reference.")
+    memory = host_memory.policy()
+    out.print(f"host memory: {memory.reason}")
     return {
         "kernels_env": dispatch.mode(),
         "torch": torch.__version__,
         "cuda_available": torch.cuda.is_available(),
         "cupy": {"usable": cupy_ok, "reason": cupy_why},
         "emulator": {"usable": emu_ok, "reason": emu_why, "cache_dir": str(emulator.cache_dir())},
+        "host_memory": {"reuse_freed": memory.reuse, "reason": memory.reason},
         "ops": rows,
     }
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from kpnet.config import TestConfig
 from kpnet.data.dataset import CocoIndex, TestImages
 from kpnet.data.transforms import test_input
+from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
 from kpnet.models import family_of
 from kpnet.ops import soft_nms, soft_nms_merge
@@ -138,6 +139,8 @@ def predict_dataset(
 ) -> list[dict[str, Any]]:
     """Run the test pipeline over every image of a data set -> COCO results list."""
     model.eval()
+    if next(model.parameters()).device.type == "cpu":
+        reuse_freed_memory()
     results: list[dict[str, Any]] = []
     for item in iterate_images(index, num_workers):
         dets = detect_image(model, item["image"], test)
