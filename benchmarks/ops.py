@@ -1,16 +1,21 @@
 """Pooling and decoding op timings on CPU, single thread (issue 3 acceptance; README "Kernels").
 
 Prints, per corner-pool direction and shape, forward and forward+backward times of the PyTorch
-reference (torch.cummax), the emulator-compiled CUDA kernel (g++), a naive per-row loop and the
-log-step form, next to the memory-bandwidth floor (copy_ into a preallocated tensor) and the ratio
-to it; then per-image peaks + corner grouping (K=100 and K=70, 80 classes, 128×128) for the fused
+reference (torch.cummax), the emulator-compiled CUDA kernel (g++) through the op, a naive per-row loop
+and the log-step form, next to the memory-bandwidth floor (copy_ into a preallocated tensor) and the
+ratio to it; then per-image peaks + corner grouping (K=100 and K=70, 80 classes, 128×128) for the fused
 ops against a straightforward K×K tensor decode, and the triplet decode against plain grouping.
-Times are CPU time of the benchmarking thread (time.thread_time), the median over rounds, so a busy
-machine's preemption is not counted; each pooling ratio is the median of per-round ratios against the
-copy floor measured in the same round. The "fresh floor" row (torch.empty_like + copy_) shows what
-allocating any out-of-place output costs here (page faults), which every op row includes; the
-"kernel only" rows launch the emulator-compiled kernels into preallocated outputs, as the floor
-copies into a preallocated tensor (the issue's targets: forward <= 2x, forward+backward <= 6x).
+
+Timing: thread CPU time (time.thread_time), so a busy machine's preemption is not counted. A measurement
+is about 20 ms of untimed calls (WARMUP at least), then as many timed ones back to back: each callable runs
+on its own warm working set, as in a training loop (right after the floor's copies, an op's first four or
+five calls here take up to twice as long as in its steady state). Each pooling ratio is the median over rounds
+of the measurement against the copy floor measured in the same round. Every op row allocates its outputs, as ops do; the "fresh floor" rows (torch.empty_like + copy_)
+show what allocating costs, under glibc's defaults (large blocks are fresh mmaps: page faults) and under
+the host memory policy of kpnet's CPU training and inference (kpnet/engine/host_memory.py), which the op
+rows run under. The "kernel only" rows launch the emulator-compiled kernels into preallocated outputs, like
+the floor. The issue's targets, at (1,128,128,128) and (2,256,128,128), every direction: forward <= 2x,
+forward+backward <= 6x the floor; the summary at the end checks the op rows against them.
 Run: .venv/bin/python benchmarks/ops.py [--quick]
 """
 
@@ -25,10 +30,15 @@ import torch
 import torch.nn.functional as F
 
 from kpnet.cuda import launch
+from kpnet.engine import host_memory
 from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks
 from kpnet.ops.pooling import _SCAN, running_max_logstep
 
 SHAPES = [(1, 128, 128, 128), (2, 256, 128, 128), (8, 128, 64, 64)]
+TARGET_SHAPES = SHAPES[:2]
+TARGETS = {"forward": 2.0, "forward+backward": 6.0}
+MEASURE_S = 0.02
+WARMUP = 6
 
 
 def _once(fn) -> float:
@@ -37,19 +47,42 @@ def _once(fn) -> float:
     return time.thread_time() - start
 
 
+def _calls(fn) -> tuple[int, int]:
+    """(timed, untimed) calls for one measurement of fn: timed calls last about MEASURE_S; the untimed ones
+    before them warm fn's working set (WARMUP at least, one for a slow fn: the naive rows). Calls fn first
+    until its steady state: glibc takes a few rounds of a loop that frees and allocates large tensors to stop
+    growing its heap (kpnet/engine/host_memory.py)."""
+    single = _once(fn)
+    if single > 0.05:
+        return 1, 1
+    for _ in range(WARMUP):
+        single = _once(fn)
+    calls = max(1, min(50, round(MEASURE_S / max(single, 1e-6))))
+    return calls, max(WARMUP, calls)
+
+
+def _measure(fn, calls: tuple[int, int]) -> float:
+    """Seconds per call of calls[0] back-to-back calls after calls[1] untimed ones."""
+    def run(n: int) -> None:
+        for _ in range(n):
+            fn()
+    run(calls[1])
+    return _once(lambda: run(calls[0])) / calls[0]
+
+
 def timed(fn, repeat: int) -> float:
-    """Median thread CPU time of fn() in milliseconds after one warm-up call."""
-    fn()
-    return statistics.median(_once(fn) for _ in range(repeat)) * 1e3
+    """Median thread CPU time of fn() in milliseconds."""
+    calls = _calls(fn)
+    return statistics.median(_measure(fn, calls) for _ in range(repeat)) * 1e3
 
 
 def timed_vs_floor(fn, floor, repeat: int) -> tuple[float, float]:
     """(median ms, median ratio) of fn() against floor() (best of 3) measured in the same round."""
-    fn()
+    calls, floor_calls = _calls(fn), _calls(floor)
     times, ratios = [], []
     for _ in range(repeat):
-        base = min(_once(floor) for _ in range(3))
-        t = _once(fn)
+        base = min(_measure(floor, floor_calls) for _ in range(3))
+        t = _measure(fn, calls)
         times.append(t)
         ratios.append(t / base)
     return statistics.median(times) * 1e3, statistics.median(ratios)
@@ -85,8 +118,23 @@ def pool_impls(direction: str) -> dict:
     }
 
 
-def bench_pooling(repeat: int, shapes: list) -> None:
-    print("corner pooling, single thread, milliseconds (× copy floor)")
+def fresh_floors(repeat: int, shapes: list) -> dict:
+    """empty_like + copy_ against copy_ into a preallocated tensor, per shape, under the current allocator."""
+    ratios = {}
+    for shape in shapes:
+        x = torch.randn(shape)
+        buf = torch.empty_like(x)
+        ratios[shape] = timed_vs_floor(lambda: torch.empty_like(x).copy_(x), lambda: buf.copy_(x), repeat)[1]
+    return ratios
+
+
+def bench_pooling(repeat: int, shapes: list) -> dict:
+    """Print the pooling table; returns {(shape, direction, impl, pass): ratio to the copy floor}."""
+    glibc = fresh_floors(repeat, shapes)  # before the policy: glibc's defaults
+    policy = host_memory.reuse_freed_memory()
+    kept = fresh_floors(repeat, shapes)
+    print(f"corner pooling, single thread, milliseconds (× copy floor); host memory: {policy.reason}")
+    ratios = {}
     for shape in shapes:
         x = torch.randn(shape)
         buf = torch.empty_like(x)
@@ -95,22 +143,10 @@ def bench_pooling(repeat: int, shapes: list) -> None:
             buf.copy_(x)
 
         copy = timed(floor, repeat * 3)
-        fresh, fresh_ratio = timed_vs_floor(lambda: torch.empty_like(x).copy_(x), floor, repeat)
-        print(f"\nshape {shape}: copy floor {copy:.2f} ms; fresh floor (empty_like + copy_) {fresh:.2f} ms "
-              f"({fresh_ratio:.1f}×)")
+        print(f"\nshape {shape}: copy floor {copy:.2f} ms; fresh floor (empty_like + copy_) {glibc[shape]:.1f}× "
+              f"under glibc's defaults, {kept[shape]:.1f}× keeping freed memory")
         print(f"  {'direction':<9} {'impl':<11} {'forward':>18} {'forward+backward':>20}")
         for direction in DIRECTIONS:
-            for name, fn in pool_impls(direction).items():
-                fwd, fwd_ratio = timed_vs_floor(lambda: fn(x), floor, repeat)
-                xg = x.clone().requires_grad_()
-                grad = torch.ones_like(x)
-
-                def fwd_bwd():
-                    xg.grad = None
-                    fn(xg).backward(grad)
-
-                fb, fb_ratio = timed_vs_floor(fwd_bwd, floor, repeat)
-                print(f"  {direction:<9} {name:<11} {fwd:9.2f} ({fwd_ratio:5.1f}×) {fb:11.2f} ({fb_ratio:5.1f}×)")
             # The emulator-compiled kernels alone, writing into preallocated outputs like the copy floor.
             out, grad_in, grad = torch.empty_like(x), torch.empty_like(x), torch.ones_like(x)
 
@@ -121,10 +157,33 @@ def bench_pooling(repeat: int, shapes: list) -> None:
                 kernel_fwd()
                 launch.corner_pool_backward(x, grad, direction, "emulate", grad_in=grad_in)
 
-            fwd, fwd_ratio = timed_vs_floor(kernel_fwd, floor, repeat)
-            fb, fb_ratio = timed_vs_floor(kernel_fwd_bwd, floor, repeat)
-            print(f"  {direction:<9} {'kernel only':<11} {fwd:9.2f} ({fwd_ratio:5.1f}×) {fb:11.2f} ({fb_ratio:5.1f}×)")
+            impls = {**pool_impls(direction), "kernel only": None}
+            for name, fn in impls.items():
+                xg = x.clone().requires_grad_()
+
+                def fwd_bwd():
+                    xg.grad = None
+                    fn(xg).backward(grad)
+
+                forward, backward = (kernel_fwd, kernel_fwd_bwd) if fn is None else (lambda: fn(x), fwd_bwd)
+                fwd, fwd_ratio = timed_vs_floor(forward, floor, repeat)
+                fb, fb_ratio = timed_vs_floor(backward, floor, repeat)
+                ratios[shape, direction, name, "forward"] = fwd_ratio
+                ratios[shape, direction, name, "forward+backward"] = fb_ratio
+                print(f"  {direction:<9} {name:<11} {fwd:9.2f} ({fwd_ratio:5.1f}×) {fb:11.2f} ({fb_ratio:5.1f}×)")
     os.environ.pop("KPNET_KERNELS", None)
+    return ratios
+
+
+def pooling_summary(ratios: dict) -> None:
+    """The issue's targets against the kernel rows (which, like the floor, write into preallocated tensors)
+    and the op rows (which also allocate their outputs and run autograd)."""
+    print("\npooling targets (forward <= 2×, forward+backward <= 6× the copy floor; worst direction):")
+    for shape in TARGET_SHAPES:
+        for name in ("kernel only", "emulator"):
+            worst = {p: max(ratios[shape, d, name, p] for d in DIRECTIONS) for p in TARGETS}
+            verdict = ", ".join(f"{p} {worst[p]:.2f}× {'met' if worst[p] <= TARGETS[p] else 'NOT met'}" for p in TARGETS)
+            print(f"  {str(shape):<18} {name + (' (op)' if name == 'emulator' else ''):<14} {verdict}")
 
 
 def straightforward_decode(tl_heat, br_heat, tl_embed, br_embed, k, ae_threshold=0.5, num_dets=1000):
@@ -200,8 +259,10 @@ def main() -> None:
     repeat = 3 if quick else 5
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}; times: thread CPU time, medians")
-    bench_pooling(repeat, SHAPES[:1] if quick else SHAPES)
+    ratios = bench_pooling(repeat, SHAPES[:1] if quick else SHAPES)
     bench_decoding(repeat)
+    if not quick:
+        pooling_summary(ratios)
 
 
 if __name__ == "__main__":

@@ -230,14 +230,15 @@ struct tiles {
 };
 
 // Positions of an H-scan are rows of the plane, each a separate short stream for the hardware prefetchers,
-// which fall behind (most of all scanning upwards): the column loops prefetch the row AHEAD positions on.
+// which fall behind (most of all scanning upwards): the column loops prefetch the row AHEAD positions on, to
+// L2 and below (measured 5-10% faster than into L1 at 32 MiB tensors, the same at 8 MiB).
 constexpr kp_index AHEAD = 8;
 
 template <typename T>
 inline void prefetch_row(const T* row, kp_index count, int write) {
     for (kp_index b = 0; b < count; b += 64 / (kp_index)sizeof(T)) {
-        if (write) __builtin_prefetch(row + b, 1);
-        else __builtin_prefetch(row + b);
+        if (write) __builtin_prefetch(row + b, 1, 1);
+        else __builtin_prefetch(row + b, 0, 1);
     }
 }
 
