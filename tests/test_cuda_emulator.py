@@ -60,6 +60,7 @@ def _pool_inputs():
         "noncontig": torch.randn(2, 9, 3, 7, generator=g).permute(0, 2, 3, 1),
         # CPU vector lanes: ragged blocks of rows and columns, several threads of rows, partial position tiles
         "ragged_tiles": torch.randn(1, 3, 203, 37, generator=g),
+        "many_planes": torch.randn(3, 7, 9, 20, generator=g),  # 21 planes: H-scan threads of 16 planes and 5
         "all_equal": torch.full((1, 2, 19, 21), 0.5),  # every element is a new maximum (ties)
         "length_one": torch.randn(1, 2, 1, 40, generator=g).transpose(2, 3),
         "f64": torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64),
@@ -351,6 +352,28 @@ def test_pooling_gpu_thread_layout_bit_identical(lanes):
         for dim in (2, 3):
             _bits_equal(launch.line_max_forward(x, dim, "emulate", lanes=lanes),
                         x.amax(dim, keepdim=True).expand(x.shape))
+
+
+@pytest.mark.parametrize("planes", [1, 2, 3])
+def test_pooling_threads_of_whole_planes_bit_identical(planes):
+    """H-scan CPU threads that own several planes (the backward pipelines one plane's pass 2 with the next
+    plane's pass 1), the last thread with fewer, give the reference's bits."""
+    from kpnet.cuda import launch
+    from kpnet.ops.pooling import _SCAN
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randint(-2, 3, (1, 7, 11, 21), generator=g).float()
+    grad = torch.randn(x.shape, generator=g)
+    for direction in ("top", "bottom"):
+        dim, reverse = _SCAN[direction]
+        values, indices = torch.cummax(x.flip(dim) if reverse else x, dim)
+        want = values.flip(dim) if reverse else values
+        acc = torch.zeros(x.shape, dtype=torch.float64).scatter_add_(dim, indices,
+                                                                     (grad.flip(dim) if reverse else grad).double())
+        want_grad = (acc.flip(dim) if reverse else acc).float()
+        lanes = planes * x.shape[3]
+        _bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
+        _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
 
 
 @pytest.mark.parametrize("k", [1, 5, 40])

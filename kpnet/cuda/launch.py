@@ -89,16 +89,19 @@ def launch(name: str, n_threads: int, args: list[Any], backend: str, device: tor
         raise ValueError(f"unknown kernel backend {backend!r}")
 
 
-# Rows per CPU thread in a W-scan (pooling.cu runs them as vector lanes, kpnet_cpu_lanes.h).
+# CPU threads (pooling.cu runs their lines as vector lanes, kpnet_cpu_lanes.h): a W-scan thread owns ROW_LANES
+# rows; an H-scan corner-pool thread owns PLANES whole planes, so its backward streams one plane's gradients
+# out while the next plane's inputs stream in.
 ROW_LANES = 512
+PLANES = 16
 
 
-def pool_lanes(backend: str, x: Tensor, dim: int) -> int:
+def pool_lanes(backend: str, x: Tensor, dim: int, planes: int = 1) -> int:
     """Lines per thread (pooling.cu): 1 on the GPU (adjacent threads, adjacent columns: coalesced loads);
-    on the CPU a whole plane's columns for H-scans and ROW_LANES rows for W-scans."""
+    on the CPU `planes` whole planes of columns for H-scans (lanes = planes · W) and ROW_LANES rows for W-scans."""
     if backend == "cuda":
         return 1
-    return x.shape[3] if dim == 2 else ROW_LANES
+    return planes * x.shape[3] if dim == 2 else ROW_LANES
 
 
 def _lines(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
@@ -111,7 +114,11 @@ def _lines(x: Tensor, dim: int) -> tuple[int, int, int, int, int]:
 
 
 def _threads(lines: tuple[int, int, int, int, int], lanes: int) -> int:
+    """Threads of a launch: each owns `lanes` lines of a plane or, with lanes >= lines per plane (CPU H-scans),
+    lanes // lines whole planes."""
     n_planes, per_plane = lines[0], lines[1]
+    if lanes >= per_plane and lines[3] == 1:
+        return -(-n_planes // (lanes // per_plane))
     return n_planes * -(-per_plane // lanes)
 
 
@@ -129,7 +136,7 @@ def corner_pool_forward(x: Tensor, direction: str, backend: str, lanes: int | No
     x = x.contiguous()
     out = torch.empty_like(x) if out is None else out
     lines = _lines(x, dim)
-    lanes = lanes or pool_lanes(backend, x, dim)
+    lanes = lanes or pool_lanes(backend, x, dim, PLANES)
     launch(f"corner_pool_forward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes), [x, out, *lines, lanes,
                                                                                      int(reverse)], backend, x.device)
     return out
@@ -148,7 +155,7 @@ def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, 
     x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
     grad_in = _grad_buffer(x) if grad_in is None else grad_in
     lines = _lines(x, dim)
-    lanes = lanes or pool_lanes(backend, x, dim)
+    lanes = lanes or pool_lanes(backend, x, dim, PLANES)
     launch(f"corner_pool_backward_{POOL_TYPES[x.dtype][1]}", _threads(lines, lanes),
            [x, grad, grad_in, *lines, lanes, int(reverse)], backend, x.device)
     return grad_in.to(x.dtype)

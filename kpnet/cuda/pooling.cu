@@ -15,6 +15,10 @@
 #include "kpnet_cpu_lanes.h"
 #endif
 
+// A launch's line layout as parameters and as arguments.
+#define KP_LINES kp_index n_planes, kp_index lines, kp_index length, kp_index line_stride, kp_index step, kp_index lanes
+#define KP_LINE_ARGS n_planes, lines, length, line_stride, step, lanes
+
 // The lines this thread owns: global index of the first, how many, and the offset of the first's start.
 __device__ __forceinline__ bool kp_thread_lines(kp_index n_planes, kp_index lines, kp_index length,
                                                 kp_index line_stride, kp_index lanes, kp_index* first,
@@ -70,17 +74,31 @@ __device__ __forceinline__ void running_max_backward_line(const T* __restrict__ 
 }
 
 #ifdef KPNET_EMULATOR
-// A CPU thread's lines as vector lanes (kpnet_cpu_lanes.h): adjacent columns (H-scans) or rows (W-scans).
-// Returns false where the per-line code serves (a single line).
+// A CPU thread's lines as vector lanes (kpnet_cpu_lanes.h): with lanes >= lines (H-scans) the thread owns
+// lanes / lines whole planes, otherwise `lanes` adjacent columns or rows as on the GPU. Returns false where
+// the per-line code serves (a single line).
 template <typename T, typename G>
-bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index start, kp_index count,
-                     kp_index length, kp_index line_stride, kp_index step, bool reverse, T lowest) {
-    if (count < 2 || (line_stride != 1 && step != 1)) return false;
+bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index n_planes, kp_index lines,
+                     kp_index length, kp_index line_stride, kp_index step, kp_index lanes, bool reverse, T lowest) {
     auto low = typename kp_cpu::key_lanes<T>::vk{} + kp_widen(lowest);
+    if (line_stride == 1 && lanes >= lines) {
+        kp_index per = lanes / lines, q0 = ((kp_index)blockIdx.x * blockDim.x + threadIdx.x) * per;
+        if (q0 >= n_planes) return true;
+        kp_index planes = n_planes - q0 < per ? n_planes - q0 : per, plane = lines * length, at = q0 * plane;
+        if (grad_out)
+            kp_cpu::backward_columns(x + at, grad_out + at, grad_in + at, planes, plane, lines, length, step, reverse,
+                                     low);
+        else
+            kp_cpu::forward_columns(x + at, out + at, planes, plane, lines, length, step, reverse, low);
+        return true;
+    }
+    kp_index first, count, start;
+    if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return true;
+    if (count < 2 || (line_stride != 1 && step != 1)) return false;
     if (line_stride == 1 && grad_out)
-        kp_cpu::backward_columns(x + start, grad_out + start, grad_in + start, count, length, step, reverse, low);
+        kp_cpu::backward_columns(x + start, grad_out + start, grad_in + start, 1, 0, count, length, step, reverse, low);
     else if (line_stride == 1)
-        kp_cpu::forward_columns(x + start, out + start, count, length, step, reverse, low);
+        kp_cpu::forward_columns(x + start, out + start, 1, 0, count, length, step, reverse, low);
     else if (grad_out)
         kp_cpu::backward_rows(x + start, grad_out + start, grad_in + start, count, length, line_stride, reverse, low);
     else
@@ -94,12 +112,11 @@ __device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* 
                                                     kp_index n_planes, kp_index lines, kp_index length,
                                                     kp_index line_stride, kp_index step, kp_index lanes,
                                                     int reverse) {
+#ifdef KPNET_EMULATOR
+    if (running_max_cpu<T, G>(x, nullptr, out, nullptr, KP_LINE_ARGS, reverse, lowest)) return;
+#endif
     kp_index first, count, start;
     if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
-#ifdef KPNET_EMULATOR
-    if (running_max_cpu<T, G>(x, nullptr, out, nullptr, start, count, length, line_stride, step, reverse, lowest))
-        return;
-#endif
     if (reverse) {
         start += (length - 1) * step;
         step = -step;
@@ -112,13 +129,11 @@ __device__ __forceinline__ void running_max_backward(const T* __restrict__ x, co
                                                      G* __restrict__ grad_in, T lowest, kp_index n_planes,
                                                      kp_index lines, kp_index length, kp_index line_stride,
                                                      kp_index step, kp_index lanes, int reverse) {
+#ifdef KPNET_EMULATOR
+    if (running_max_cpu<T, G>(x, grad_out, nullptr, grad_in, KP_LINE_ARGS, reverse, lowest)) return;
+#endif
     kp_index first, count, start;
     if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
-#ifdef KPNET_EMULATOR
-    if (running_max_cpu<T, G>(x, grad_out, nullptr, grad_in, start, count, length, line_stride, step, reverse,
-                              lowest))
-        return;
-#endif
     if (reverse) {
         start += (length - 1) * step;
         step = -step;
@@ -204,8 +219,6 @@ __device__ __forceinline__ void line_max_backward(const T* __restrict__ x, const
 
 // extern "C" entry points, one per storage type; 16-bit types write their gradient as double and the
 // launch layer rounds it with torch, exactly as the reference does.
-#define KP_LINES kp_index n_planes, kp_index lines, kp_index length, kp_index line_stride, kp_index step, kp_index lanes
-#define KP_LINE_ARGS n_planes, lines, length, line_stride, step, lanes
 #define KP_POOLING_KERNELS(T, G, SUFFIX)                                                                         \
     extern "C" __global__ void corner_pool_forward_##SUFFIX(const T* x, T* out, KP_LINES, int reverse) {         \
         running_max_forward<T, G>(x, out, kp_lowest_##SUFFIX(), KP_LINE_ARGS, reverse);                          \
