@@ -14,7 +14,8 @@ of the measurement against the copy floor measured in the same round. Every op r
 show what allocating costs, under glibc's defaults (large blocks are fresh mmaps: page faults) and under
 the host memory policy of kpnet's CPU training and inference (kpnet/engine/host_memory.py), which the op
 rows run under. The "kernel only" rows launch the emulator-compiled kernels into preallocated outputs, like
-the floor. The issue's targets, at (1,128,128,128) and (2,256,128,128), every direction: forward <= 2x,
+the floor (which, like them, writes into the same tensor every call: at 32 MiB tensors that tensor stays
+partly in cache, while an op's fresh outputs cost reads for ownership from memory). The issue's targets, at (1,128,128,128) and (2,256,128,128), every direction: forward <= 2x,
 forward+backward <= 6x the floor; the summary at the end checks the op rows against them.
 Run: .venv/bin/python benchmarks/ops.py [--quick]
 """
@@ -105,19 +106,20 @@ def naive_rows(x: torch.Tensor, direction: str) -> torch.Tensor:
 IMPLS = ("reference", "emulator", "naive rows", "log-step", "kernel only")
 
 
-def pool_calls(x: torch.Tensor, grad: torch.Tensor, direction: str, name: str) -> tuple:
+def pool_calls(x: torch.Tensor, buffers: dict, direction: str, name: str) -> tuple:
     """(forward, forward+backward) callables of one implementation. "kernel only" launches the emulator-compiled
-    kernels into preallocated outputs, like the copy floor; the others allocate their outputs, as ops do."""
+    kernels into preallocated outputs, like the copy floor; the others allocate their outputs, as ops do.
+    `buffers` (grad, out, grad_in, xg: tensors like x) are allocated once per shape, so that switching rows
+    does not reshape the heap under the op rows."""
     dim, reverse = _SCAN[direction]
+    grad = buffers["grad"]
     if name == "kernel only":
-        out, grad_in = torch.empty_like(x), torch.empty_like(x)
-
         def kernel_fwd():
-            launch.corner_pool_forward(x, direction, "emulate", out=out)
+            launch.corner_pool_forward(x, direction, "emulate", out=buffers["out"])
 
         def kernel_fwd_bwd():
             kernel_fwd()
-            launch.corner_pool_backward(x, grad, direction, "emulate", grad_in=grad_in)
+            launch.corner_pool_backward(x, grad, direction, "emulate", grad_in=buffers["grad_in"])
 
         return kernel_fwd, kernel_fwd_bwd
 
@@ -133,7 +135,7 @@ def pool_calls(x: torch.Tensor, grad: torch.Tensor, direction: str, name: str) -
         "naive rows": lambda t: naive_rows(t, direction),
         "log-step": lambda t: running_max_logstep(t, dim, reverse),
     }[name]
-    xg = x.clone().requires_grad_()
+    xg = buffers["xg"]
 
     def fwd_bwd():
         xg.grad = None
@@ -170,7 +172,8 @@ def bench_pooling(repeat: int, shapes: list) -> dict:
         print(f"\nshape {shape}: copy floor {copy:.2f} ms; fresh floor (empty_like + copy_) {glibc[shape]:.1f}× "
               f"under glibc's defaults, {kept[shape]:.1f}× keeping freed memory")
         print(f"  {'direction':<9} {'impl':<11} {'forward':>18} {'forward+backward':>20}")
-        grad = torch.ones_like(x)
+        buffers = {"grad": torch.ones_like(x), "out": torch.empty_like(x), "grad_in": torch.empty_like(x),
+                   "xg": x.clone().requires_grad_()}
         times = {}
         # The op rows are measured in a training loop's steady state: after HEAP_ROUNDS forward+backward rounds
         # of every direction (glibc grows its heap for the first rounds: fresh pages), and before the naive
@@ -178,11 +181,11 @@ def bench_pooling(repeat: int, shapes: list) -> dict:
         # fresh pages again.
         for _ in range(HEAP_ROUNDS):
             for direction in DIRECTIONS:
-                pool_calls(x, grad, direction, "emulator")[1]()
+                pool_calls(x, buffers, direction, "emulator")[1]()
         for names in (("kernel only", "emulator"), ("reference", "naive rows", "log-step")):
             for direction in DIRECTIONS:
                 for name in names:
-                    forward, forward_backward = pool_calls(x, grad, direction, name)
+                    forward, forward_backward = pool_calls(x, buffers, direction, name)
                     times[direction, name] = (timed_vs_floor(forward, floor, repeat),
                                               timed_vs_floor(forward_backward, floor, repeat))
         for direction in DIRECTIONS:
