@@ -102,7 +102,6 @@ struct storage<kp_f16> {
     typedef float key;
     typedef lanes<float>::vk vk;
     typedef lanes<float>::uk uk;
-    typedef lanes<float>::mk mk;
     static vk load(const kp_f16* p) {
         u16x16 raw16;
         std::memcpy(&raw16, p, sizeof raw16);
@@ -176,7 +175,8 @@ inline void transpose(V* t) {
 // Rows of a W-scan: `lines` (<= L) rows starting `line_stride` apart, positions contiguous. tile[j] holds
 // position p0 + j of every row (np <= L positions); loads and stores transpose the L×L tile in registers.
 // A tile touches one cache line per row, a pattern the hardware prefetchers miss: each load and store also
-// prefetches the same tile of the next L rows.
+// prefetches position `pf` of the next L rows (callers pass the tiles' positions in address order, whatever
+// the scan direction).
 template <typename T, typename V>
 inline void load_rows(const T* base, kp_index line_stride, int lines, kp_index p0, int np, V fill, V* tile,
                       kp_index pf) {

@@ -107,13 +107,13 @@ bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index
 }
 #endif
 
+// Corner pooling forward (grad_out null: writes out) or backward (writes grad_in) of a thread's lines.
 template <typename T, typename G>
-__device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* __restrict__ out, T lowest,
-                                                    kp_index n_planes, kp_index lines, kp_index length,
-                                                    kp_index line_stride, kp_index step, kp_index lanes,
-                                                    int reverse) {
+__device__ __forceinline__ void running_max(const T* __restrict__ x, const T* __restrict__ grad_out,
+                                            T* __restrict__ out, G* __restrict__ grad_in, T lowest, KP_LINES,
+                                            int reverse) {
 #ifdef KPNET_EMULATOR
-    if (running_max_cpu<T, G>(x, nullptr, out, nullptr, KP_LINE_ARGS, reverse, lowest)) return;
+    if (running_max_cpu<T, G>(x, grad_out, out, grad_in, KP_LINE_ARGS, reverse, lowest)) return;
 #endif
     kp_index first, count, start;
     if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
@@ -121,25 +121,10 @@ __device__ __forceinline__ void running_max_forward(const T* __restrict__ x, T* 
         start += (length - 1) * step;
         step = -step;
     }
-    for (kp_index i = 0; i < count; ++i) running_max_line<T>(x, out, start + i * line_stride, length, step);
-}
-
-template <typename T, typename G>
-__device__ __forceinline__ void running_max_backward(const T* __restrict__ x, const T* __restrict__ grad_out,
-                                                     G* __restrict__ grad_in, T lowest, kp_index n_planes,
-                                                     kp_index lines, kp_index length, kp_index line_stride,
-                                                     kp_index step, kp_index lanes, int reverse) {
-#ifdef KPNET_EMULATOR
-    if (running_max_cpu<T, G>(x, grad_out, nullptr, grad_in, KP_LINE_ARGS, reverse, lowest)) return;
-#endif
-    kp_index first, count, start;
-    if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return;
-    if (reverse) {
-        start += (length - 1) * step;
-        step = -step;
+    for (kp_index i = 0; i < count; ++i) {
+        if (grad_out) running_max_backward_line<T, G>(x, grad_out, grad_in, start + i * line_stride, length, step);
+        else running_max_line<T>(x, out, start + i * line_stride, length, step);
     }
-    for (kp_index i = 0; i < count; ++i)
-        running_max_backward_line<T, G>(x, grad_out, grad_in, start + i * line_stride, length, step);
 }
 
 template <typename T>
@@ -221,11 +206,11 @@ __device__ __forceinline__ void line_max_backward(const T* __restrict__ x, const
 // launch layer rounds it with torch, exactly as the reference does.
 #define KP_POOLING_KERNELS(T, G, SUFFIX)                                                                         \
     extern "C" __global__ void corner_pool_forward_##SUFFIX(const T* x, T* out, KP_LINES, int reverse) {         \
-        running_max_forward<T, G>(x, out, kp_lowest_##SUFFIX(), KP_LINE_ARGS, reverse);                          \
+        running_max<T, G>(x, nullptr, out, nullptr, kp_lowest_##SUFFIX(), KP_LINE_ARGS, reverse);                \
     }                                                                                                            \
     extern "C" __global__ void corner_pool_backward_##SUFFIX(const T* x, const T* grad_out, G* grad_in,          \
                                                              KP_LINES, int reverse) {                            \
-        running_max_backward<T, G>(x, grad_out, grad_in, kp_lowest_##SUFFIX(), KP_LINE_ARGS, reverse);           \
+        running_max<T, G>(x, grad_out, nullptr, grad_in, kp_lowest_##SUFFIX(), KP_LINE_ARGS, reverse);           \
     }                                                                                                            \
     extern "C" __global__ void line_max_forward_##SUFFIX(const T* x, T* out, KP_LINES) {                         \
         line_max_forward<T>(x, out, KP_LINE_ARGS);                                                               \
