@@ -99,10 +99,14 @@ bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index
         kp_cpu::backward_columns(x + start, grad_out + start, grad_in + start, 1, 0, count, length, step, reverse, low);
     else if (line_stride == 1)
         kp_cpu::forward_columns(x + start, out + start, 1, 0, count, length, step, reverse, low);
+    else if (grad_out && reverse)
+        kp_cpu::backward_rows<true>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low);
     else if (grad_out)
-        kp_cpu::backward_rows(x + start, grad_out + start, grad_in + start, count, length, line_stride, reverse, low);
+        kp_cpu::backward_rows<false>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low);
+    else if (reverse)
+        kp_cpu::forward_rows<true>(x + start, out + start, count, length, line_stride, low);
     else
-        kp_cpu::forward_rows(x + start, out + start, count, length, line_stride, reverse, low);
+        kp_cpu::forward_rows<false>(x + start, out + start, count, length, line_stride, low);
     return true;
 }
 #endif
