@@ -281,10 +281,11 @@ struct tiles {
 };
 
 // Positions of an H-scan are rows of the plane, each a separate short stream for the hardware prefetchers,
-// which fall behind (most of all scanning upwards): the column loops prefetch the row AHEAD positions on, to
-// L2 and below (measured 5-10% faster than into L1 at 32 MiB tensors, the same at 8 MiB).
-constexpr kp_index AHEAD = 8;
-
+// which fall behind (most of all scanning upwards). While a plane is scanned, the column loops prefetch the
+// next plane in memory (the next one of the thread, or the first of the next thread), one row per step in
+// address order whatever the scan direction, to L2 and below: a plane ahead is 64 KiB at 128×128 float32,
+// and the rows of the plane being scanned are in cache when reached. (Prefetching the row 8 positions on in
+// scan order instead measured 1.5-2× slower upward forward scans at 32 MiB tensors on Zen 4.)
 template <typename T>
 inline void prefetch_row(const T* row, kp_index count, int write) {
     for (kp_index b = 0; b < count; b += 64 / (kp_index)sizeof(T)) {
@@ -351,24 +352,22 @@ struct grad<float, double> {
 };
 
 // Running max forward (kpnet/ops/pooling.py rules) of `count` adjacent columns whose positions are `step`
-// apart: row by row in scan order, every column vector's maximum moves. (The row and column loops here and in
+// apart: row by row in scan order, every column vector's maximum moves; the plane next_plane elements on is
+// prefetched. (The row and column loops here and in
 // backward_columns are written out: shared as lambdas, they measured 20-30% slower with g++ 12.)
 template <typename T>
 inline void forward_plane(const T* x, T* out, kp_index count, kp_index length, kp_index step, bool reverse,
-                          typename key_lanes<T>::vk lowest) {
+                          typename key_lanes<T>::vk lowest, kp_index next_plane) {
     typedef typename key_lanes<T>::vk vk;
     constexpr int L = key_lanes<T>::L;
     static thread_local std::vector<vk> best_buffer;
     const int nv = (int)((count + L - 1) / L);
     vk* best = scratch(best_buffer, nv);
     for (int c = 0; c < nv; ++c) best[c] = lowest;
-    const kp_index ahead = (reverse ? -AHEAD : AHEAD) * step;
     for (kp_index i = 0; i < length; ++i) {
         kp_index p = (reverse ? length - 1 - i : i) * step;
-        if (i + AHEAD < length) {
-            prefetch_row(x + p + ahead, count, 0);
-            prefetch_row(out + p + ahead, count, 1);
-        }
+        prefetch_row(x + next_plane + i * step, count, 0);
+        prefetch_row(out + next_plane + i * step, count, 1);
         for (int c = 0; c < nv; ++c) {
             int n = count - c * L < L ? (int)(count - c * L) : L;
             vk v = load_lanes(x + p + c * L, n, lowest);
@@ -383,7 +382,7 @@ template <typename T>
 inline void forward_columns(const T* x, T* out, kp_index planes, kp_index plane_size, kp_index count,
                             kp_index length, kp_index step, bool reverse, typename key_lanes<T>::vk lowest) {
     for (kp_index q = 0; q < planes; ++q)
-        forward_plane(x + q * plane_size, out + q * plane_size, count, length, step, reverse, lowest);
+        forward_plane(x + q * plane_size, out + q * plane_size, count, length, step, reverse, lowest, plane_size);
 }
 
 // Pass 1 of the backward for one lane vector (kpnet/ops/pooling.py gradient rule), in scan order: move the
@@ -429,7 +428,6 @@ inline void backward_columns(const T* x, const T* grad_out, G* grad_in, kp_index
     vk* best = scratch(best_buffer, nv);
     vd8* sum = scratch(sum_buffer, nv * H);
     gv* record = scratch(record_buffer, 2 * records);
-    const kp_index ahead = (reverse ? -AHEAD : AHEAD) * step;
     for (kp_index q = 0; q <= planes; ++q) {
         const bool scans = q < planes, hands_back = q > 0;
         const T* xq = x + q * plane_size;
@@ -441,12 +439,12 @@ inline void backward_columns(const T* x, const T* grad_out, G* grad_in, kp_index
         for (int c = 0; scans && c < nv; ++c) best[c] = lowest;
         for (int c = 0; scans && c < nv * H; ++c) sum[c] = vd8{};
         for (kp_index i = 0; i < length; ++i) {
+            // the next step's planes, a row at a time: inputs of plane q + 1, gradients of plane q
+            prefetch_row(xq + plane_size + i * step, count, 0);
+            prefetch_row(gq + plane_size + i * step, count, 0);
+            prefetch_row(grad_in + q * plane_size + i * step, count, 1);
             if (scans) {
                 kp_index p = (reverse ? length - 1 - i : i) * step;
-                if (i + AHEAD < length) {
-                    prefetch_row(xq + p + ahead, count, 0);
-                    prefetch_row(gq + p + ahead, count, 0);
-                }
                 for (int c = 0; c < nv; ++c) {
                     int n = count - c * L < L ? (int)(count - c * L) : L;
                     bl::scan(load_lanes(xq + p + c * L, n, lowest), load_lanes(gq + p + c * L, n, vk{}), best[c],
@@ -455,7 +453,6 @@ inline void backward_columns(const T* x, const T* grad_out, G* grad_in, kp_index
             }
             if (hands_back) {
                 kp_index j = length - 1 - i, p = (reverse ? i : j) * step;
-                if (j >= AHEAD) prefetch_row(out + p - ahead, count, 1);
                 for (int c = 0; c < nv; ++c) {
                     int n = count - c * L < L ? (int)(count - c * L) : L;
                     bl::gr::store(out + p + c * L, bl::gr::hand_back(closed_before[j * nv + c], total[c]), n);
