@@ -205,22 +205,25 @@ inline void transpose(V* t) {
 // prefetches the next L rows: the rows of a contiguous tensor are adjacent (line_stride = length), so those
 // form one region, and the tile `ahead`-th in address order (whatever the scan direction) prefetches its
 // `ahead`-th L·L elements, in address order (2× faster forward at 32 MiB on Zen 4 than prefetching the same
-// tile position of the next rows).
-template <typename T>
+// tile position of the next rows). LOCALITY is __builtin_prefetch's: into L1 (3) for the forward's two
+// streams; to L2 (1) for the backward's three, whose blocks of 16 rows and the next ones' overflow a 32 KiB
+// L1 (prefetched into L1 they evict each other: 1.3-2.3× slower at 8 and 32 MiB on Zen 4, depending on how
+// the tensors' addresses align).
+template <int LOCALITY, typename T>
 inline void prefetch_next_rows(const T* base, kp_index line_stride, kp_index ahead, int write) {
     constexpr int L = key_lanes<T>::L, PER_LINE = 64 / (int)sizeof(T);
     const T* next = base + L * line_stride + ahead * L * L;
     for (int e = 0; e < L * L; e += PER_LINE) {
-        if (write) __builtin_prefetch(next + e, 1);
-        else __builtin_prefetch(next + e);
+        if (write) __builtin_prefetch(next + e, 1, LOCALITY);
+        else __builtin_prefetch(next + e, 0, LOCALITY);
     }
 }
 
-template <typename T, typename V>
+template <int LOCALITY, typename T, typename V>
 inline void load_rows(const T* base, kp_index line_stride, int lines, kp_index p0, int np, V fill, V* tile,
                       kp_index ahead) {
     constexpr int L = key_lanes<T>::L;
-    prefetch_next_rows(base, line_stride, ahead, 0);
+    prefetch_next_rows<LOCALITY>(base, line_stride, ahead, 0);
     if (lines == L && np == L) {  // a whole tile, unrolled so that it stays in registers
         const T* row = base + p0;  // one pointer stepped along: sixteen row pointers would not stay in registers
 #pragma GCC unroll 16
@@ -234,11 +237,11 @@ inline void load_rows(const T* base, kp_index line_stride, int lines, kp_index p
     transpose<L>(tile);
 }
 
-template <typename T, typename V>
+template <int LOCALITY, typename T, typename V>
 inline void store_rows(T* base, kp_index line_stride, int lines, kp_index p0, int np, V* tile, kp_index ahead) {
     constexpr int L = key_lanes<T>::L;
     transpose<L>(tile);
-    prefetch_next_rows(base, line_stride, ahead, 1);
+    prefetch_next_rows<LOCALITY>(base, line_stride, ahead, 1);
     if (lines == L && np == L) {
         T* row = base + p0;
 #pragma GCC unroll 16
@@ -323,7 +326,7 @@ struct grad<K, K> {
     }
     static void store(K* p, gv v, int n) { store_lanes(p, v, n); }
     static void store_tile(K* base, kp_index line_stride, int lines, kp_index p0, int np, gv* tile, kp_index ahead) {
-        store_rows(base, line_stride, lines, p0, np, tile, ahead);
+        store_rows<1>(base, line_stride, lines, p0, np, tile, ahead);
     }
 };
 
@@ -491,9 +494,9 @@ inline void forward_rows(const T* x, T* out, kp_index count, kp_index length, kp
         for (kp_index k = 0; k < order.count(); ++k) {
             kp_index p0 = order.start(k);
             int np = order.size(p0);
-            load_rows(xb, line_stride, lines, p0, np, lowest, tile, k);
+            load_rows<3>(xb, line_stride, lines, p0, np, lowest, tile, k);
             tile_steps<REVERSE, L>(np, [&](int j) { tile[j] = best = takes_max(tile[j], best) ? tile[j] : best; });
-            store_rows(ob, line_stride, lines, p0, np, tile, k);
+            store_rows<3>(ob, line_stride, lines, p0, np, tile, k);
         }
     }
 }
@@ -519,8 +522,8 @@ inline void backward_rows(const T* x, const T* grad_out, G* grad_in, kp_index co
             kp_index p0 = order.start(k);
             int np = order.size(p0);
             gv* at = closed + (REVERSE ? length - p0 - np : p0);  // records by scan index
-            load_rows(x + offset, line_stride, lines, p0, np, lowest, xt, k);
-            load_rows(grad_out + offset, line_stride, lines, p0, np, vk{}, gt, k);
+            load_rows<1>(x + offset, line_stride, lines, p0, np, lowest, xt, k);
+            load_rows<1>(grad_out + offset, line_stride, lines, p0, np, vk{}, gt, k);
             tile_steps<REVERSE, L>(np, [&](int j) { bl::scan(xt[j], gt[j], best, sum, at[REVERSE ? np - 1 - j : j]); });
         }
         gv total = bl::gr::close(~typename bl::mk{}, sum), value[L];  // the total of the current position's run
