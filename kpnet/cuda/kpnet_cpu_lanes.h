@@ -149,8 +149,8 @@ inline void store_part(T* p, typename key_lanes<T>::vk v, int n) {
 
 // An L×L transpose in registers, shaped like the classic AVX-512 one: interleave element pairs, then pairs of
 // pairs, within 128-bit blocks (in-lane shuffles, cheap everywhere), then exchange 128-bit blocks across the
-// vector. (Exchanging bit S of the indices in every stage instead needs two-source permutes: 40% slower on
-// Zen 4.) `pick` takes lanes of a ++ b.
+// vector. (Exchanging bit S of the indices in every stage instead needs two-source permutes: the forward
+// 35-40% slower on Zen 4.) `pick` takes lanes of a ++ b.
 template <typename V, int... I>
 inline V pick(V a, V b, std::integer_sequence<int, I...>) {
     return __builtin_shufflevector(a, b, I...);
@@ -287,8 +287,8 @@ struct tiles {
 // which fall behind (most of all scanning upwards). While a plane is scanned, the column loops prefetch the
 // next plane in memory (the next one of the thread, or the first of the next thread), one row per step in
 // address order whatever the scan direction, to L2 and below: a plane ahead is 64 KiB at 128×128 float32,
-// and the rows of the plane being scanned are in cache when reached. (Prefetching the row 8 positions on in
-// scan order instead measured 1.5-2× slower upward forward scans at 32 MiB tensors on Zen 4.)
+// and the rows of the plane being scanned are in cache when reached. (Against prefetching the row 8 positions
+// on in scan order, on Zen 4 at 32 MiB tensors: the backward 15-20% faster, the forward the same within noise.)
 template <typename T>
 inline void prefetch_row(const T* row, kp_index count, int write) {
     for (kp_index b = 0; b < count; b += 64 / (kp_index)sizeof(T)) {
@@ -467,8 +467,8 @@ inline void backward_columns(const T* x, const T* grad_out, G* grad_in, kp_index
 }
 
 // Steps of a tile in scan order: f(j) for j = 0 .. np - 1, or downwards with REVERSE; whole tiles (np = L,
-// a constant once inlined) are unrolled, so the tile's vectors stay in registers (a runtime scan direction
-// or tile size indexes them through memory: 30-40% slower rows on Zen 4).
+// a constant once inlined) are unrolled, so the tile's vectors stay in registers (with a runtime tile size
+// they went through the stack: the backward 1.5× slower with its data in L1, on Zen 4).
 template <bool REVERSE, int L, typename F>
 __attribute__((always_inline)) inline void tile_steps(int np, F&& f) {
     if (np == L) {
