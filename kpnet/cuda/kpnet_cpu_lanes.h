@@ -1,8 +1,9 @@
 // The emulator's multi-line CPU threads (kpnet/cuda/launch.py gives a CPU thread many scan lines; a GPU
 // thread owns one): the lines are processed L at a time as the lanes of 64-byte vectors (GCC/Clang vector
 // extensions, lowered to AVX-512, AVX2, NEON or scalar code by the host compiler). Lane r of step p holds
-// position p of line r. Lines of adjacent columns load a step directly; lines that are rows load an L×L
-// tile of row pieces and transpose it in registers. Compiled only by the emulator (kpnet_shim.h defines
+// position p of line r. Lines of adjacent columns load a step directly; for lines that are rows, the backward
+// loads an L×L tile of row pieces and transposes it in registers, while the forward scans each row piece inside
+// its vector (forward_rows). Compiled only by the emulator (kpnet_shim.h defines
 // KPNET_EMULATOR): vectors here are one thread's registers, never shared between threads.
 #pragma once
 #include <cstring>
@@ -149,8 +150,8 @@ inline void store_part(T* p, typename key_lanes<T>::vk v, int n) {
 
 // An L×L transpose in registers, shaped like the classic AVX-512 one: interleave element pairs, then pairs of
 // pairs, within 128-bit blocks (in-lane shuffles, cheap everywhere), then exchange 128-bit blocks across the
-// vector. (Exchanging bit S of the indices in every stage instead needs two-source permutes: the forward
-// 35-40% slower on Zen 4.) `pick` takes lanes of a ++ b.
+// vector. (Exchanging bit S of the indices in every stage instead needs two-source permutes: 35-40% slower
+// on Zen 4, measured when the forward used these tiles too.) `pick` takes lanes of a ++ b.
 template <typename V, int... I>
 inline V pick(V a, V b, std::integer_sequence<int, I...>) {
     return __builtin_shufflevector(a, b, I...);
@@ -199,31 +200,30 @@ inline void transpose(V* t) {
     }
 }
 
-// Rows of a W-scan: `lines` (<= L) rows starting `line_stride` apart, positions contiguous. tile[j] holds
-// position p0 + j of every row (np <= L positions); loads and stores transpose the L×L tile in registers.
-// A tile touches one cache line per row, a pattern the hardware prefetchers miss, so each load and store
-// prefetches the next L rows: the rows of a contiguous tensor are adjacent (line_stride = length), so those
-// form one region, and the tile `ahead`-th in address order (whatever the scan direction) prefetches its
-// `ahead`-th L·L elements, in address order (2× faster forward at 32 MiB on Zen 4 than prefetching the same
-// tile position of the next rows). LOCALITY is __builtin_prefetch's: into L1 (3) for the forward's two
-// streams; to L2 (1) for the backward's three, whose blocks of 16 rows and the next ones' overflow a 32 KiB
-// L1 (prefetched into L1 they evict each other: 1.3-2.3× slower at 8 and 32 MiB on Zen 4, depending on how
-// the tensors' addresses align).
-template <int LOCALITY, typename T>
+// Rows of a W-scan backward: `lines` (<= L) rows starting `line_stride` apart, positions contiguous. tile[j]
+// holds position p0 + j of every row (np <= L positions); loads and stores transpose the L×L tile in
+// registers. A tile touches one cache line per row, a pattern the hardware prefetchers miss, so each load and
+// store prefetches the next L rows: the rows of a contiguous tensor are adjacent (line_stride = length), so
+// those form one region, and the tile `ahead`-th in address order (whatever the scan direction) prefetches its
+// `ahead`-th L·L elements, in address order (2× faster at 32 MiB on Zen 4 than prefetching the same tile
+// position of the next rows), to L2: the backward's three streams of 16 rows and the next ones' overflow a
+// 32 KiB L1 (prefetched into L1 they evict each other: 1.3-2.3× slower at 8 and 32 MiB on Zen 4, depending on
+// how the tensors' addresses align).
+template <typename T>
 inline void prefetch_next_rows(const T* base, kp_index line_stride, kp_index ahead, int write) {
     constexpr int L = key_lanes<T>::L, PER_LINE = 64 / (int)sizeof(T);
     const T* next = base + L * line_stride + ahead * L * L;
     for (int e = 0; e < L * L; e += PER_LINE) {
-        if (write) __builtin_prefetch(next + e, 1, LOCALITY);
-        else __builtin_prefetch(next + e, 0, LOCALITY);
+        if (write) __builtin_prefetch(next + e, 1, 1);
+        else __builtin_prefetch(next + e, 0, 1);
     }
 }
 
-template <int LOCALITY, typename T, typename V>
+template <typename T, typename V>
 inline void load_rows(const T* base, kp_index line_stride, int lines, kp_index p0, int np, V fill, V* tile,
                       kp_index ahead) {
     constexpr int L = key_lanes<T>::L;
-    prefetch_next_rows<LOCALITY>(base, line_stride, ahead, 0);
+    prefetch_next_rows(base, line_stride, ahead, 0);
     if (lines == L && np == L) {  // a whole tile, unrolled so that it stays in registers
         const T* row = base + p0;  // one pointer stepped along: sixteen row pointers would not stay in registers
 #pragma GCC unroll 16
@@ -237,11 +237,11 @@ inline void load_rows(const T* base, kp_index line_stride, int lines, kp_index p
     transpose<L>(tile);
 }
 
-template <int LOCALITY, typename T, typename V>
+template <typename T, typename V>
 inline void store_rows(T* base, kp_index line_stride, int lines, kp_index p0, int np, V* tile, kp_index ahead) {
     constexpr int L = key_lanes<T>::L;
     transpose<L>(tile);
-    prefetch_next_rows<LOCALITY>(base, line_stride, ahead, 1);
+    prefetch_next_rows(base, line_stride, ahead, 1);
     if (lines == L && np == L) {
         T* row = base + p0;
 #pragma GCC unroll 16
@@ -326,7 +326,7 @@ struct grad<K, K> {
     }
     static void store(K* p, gv v, int n) { store_lanes(p, v, n); }
     static void store_tile(K* base, kp_index line_stride, int lines, kp_index p0, int np, gv* tile, kp_index ahead) {
-        store_rows<1>(base, line_stride, lines, p0, np, tile, ahead);
+        store_rows(base, line_stride, lines, p0, np, tile, ahead);
     }
 };
 
@@ -479,25 +479,107 @@ __attribute__((always_inline)) inline void tile_steps(int np, F&& f) {
     }
 }
 
-// Running max forward of `count` rows (positions contiguous), L rows at a time through transposed tiles.
-template <bool REVERSE, typename T>
-inline void forward_rows(const T* x, T* out, kp_index count, kp_index length, kp_index line_stride,
-                         typename key_lanes<T>::vk lowest) {
+// Lane i of the result is lane i - S of v (scanning up, i >= S) or lane i + S (scanning down, i + S < L), the
+// other lanes `fill`.
+template <bool DOWN, int S, int L, int... I>
+constexpr auto shifted_lanes(std::integer_sequence<int, I...>) {
+    if constexpr (DOWN) return std::integer_sequence<int, (I + S < L ? I + S : L)...>{};
+    else return std::integer_sequence<int, (I >= S ? L + I - S : 0)...>{};
+}
+
+template <int LANE, int... I>
+constexpr auto one_lane(std::integer_sequence<int, I...>) {
+    return std::integer_sequence<int, (I * 0 + LANE)...>{};
+}
+
+template <bool DOWN, int S, typename V>
+inline V shift_lanes(V v, V fill) {
+    constexpr int L = sizeof(V) / sizeof(v[0]);
+    constexpr auto lanes = shifted_lanes<DOWN, S, L>(std::make_integer_sequence<int, L>{});
+    if constexpr (DOWN) return pick(v, fill, lanes);
+    else return pick(fill, v, lanes);
+}
+
+// The running max of NaN-free keys: the later one unless the earlier is larger (among equal maxima the later
+// wins, -0.0 and +0.0 included: the tie rule), one vmaxps. The rule is associative, so log-step doubling
+// inside a vector gives what a scan gives.
+template <typename V>
+inline V later_max(V earlier, V later) {
+    return earlier > later ? earlier : later;
+}
+
+// One L-position piece (np of them real, the rest `lowest`: a whole piece when WHOLE) of R rows at p0: the
+// running max inside the vector by log-step doubling, then against the row so far (carry); prefetches the
+// piece-th cache line of the next R rows.
+template <bool REVERSE, bool WHOLE, int R, typename T, typename V, typename M>
+__attribute__((always_inline)) inline void forward_piece(const T* x, T* out, kp_index line_stride, kp_index p0,
+                                                         int np, kp_index piece, V lowest, V* carry, M& nan) {
+    constexpr int L = key_lanes<T>::L, PER_LINE = 64 / (int)sizeof(T);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+        kp_index e = R * line_stride + (piece * R + r) * PER_LINE;
+        __builtin_prefetch(x + e, 0, 3);
+        __builtin_prefetch(out + e, 1, 3);
+        const T* row = x + r * line_stride + p0;
+        V v = WHOLE ? storage<T>::load(row) : load_part(row, np, lowest);
+        nan |= (M)(v != v);
+        v = later_max(shift_lanes<REVERSE, 1>(v, lowest), v);  // shifts in increasing order: lane i then
+        v = later_max(shift_lanes<REVERSE, 2>(v, lowest), v);  // holds its 2, 4, 8, 16 latest positions, the
+        v = later_max(shift_lanes<REVERSE, 4>(v, lowest), v);  // earlier half always the shifted one
+        if constexpr (L == 16) v = later_max(shift_lanes<REVERSE, 8>(v, lowest), v);
+        v = later_max(carry[r], v);
+        if (WHOLE) storage<T>::store(out + r * line_stride + p0, v);
+        else store_part(out + r * line_stride + p0, v, np);
+        carry[r] = pick(v, v, one_lane<REVERSE ? 0 : L - 1>(std::make_integer_sequence<int, L>{}));
+    }
+}
+
+// Running max forward of R rows (positions contiguous) without transposes, piece by piece in scan order
+// (forward_piece). The R rows interleave (their carries are independent chains); the loads prefetch the next
+// R rows (one region of a contiguous tensor) into L1 in address order, a cache line per piece and row. Returns
+// whether a row holds a NaN, which later_max does not order. (Against 16×16 tiles transposed in registers, on
+// Zen 4, float32: 1.5-1.6× faster with the data in L2 and at 8 MiB tensors, 1.1-1.6× at 32 MiB.)
+template <bool REVERSE, int R, typename T>
+inline bool forward_prefix_rows(const T* x, T* out, kp_index length, kp_index line_stride,
+                                typename key_lanes<T>::vk lowest) {
     typedef typename key_lanes<T>::vk vk;
+    typedef typename key_lanes<T>::mk mk;
     constexpr int L = key_lanes<T>::L;
-    tiles order{length, L, REVERSE};
-    for (kp_index l = 0; l < count; l += L) {
-        int lines = count - l < L ? (int)(count - l) : L;
+    const kp_index whole = length / L;
+    const int rest = (int)(length - whole * L);
+    vk carry[R];
+    mk nan = mk{};
+    for (int r = 0; r < R; ++r) carry[r] = lowest;
+    if (REVERSE && rest)  // the ragged high end comes first
+        forward_piece<REVERSE, false, R>(x, out, line_stride, whole * L, rest, 0, lowest, carry, nan);
+    for (kp_index k = 0; k < whole; ++k)
+        forward_piece<REVERSE, true, R>(x, out, line_stride, (REVERSE ? whole - 1 - k : k) * L, L,
+                                        k + (REVERSE && rest), lowest, carry, nan);
+    if (!REVERSE && rest)
+        forward_piece<REVERSE, false, R>(x, out, line_stride, whole * L, rest, whole, lowest, carry, nan);
+    for (int i = 0; i < L; ++i)
+        if (nan[i]) return true;
+    return false;
+}
+
+// Running max forward of `count` rows (positions contiguous), 8 rows at a time (forward_prefix_rows); a block
+// of rows holding a NaN is redone row by row by redo(row), the per-line kernel code (pooling.cu).
+template <bool REVERSE, typename T, typename F>
+inline void forward_rows(const T* x, T* out, kp_index count, kp_index length, kp_index line_stride,
+                         typename key_lanes<T>::vk lowest, F&& redo) {
+    constexpr int R = 8;
+    for (kp_index l = 0; l < count; l += R) {
+        int rows = count - l < R ? (int)(count - l) : R;
         const T* xb = x + l * line_stride;
         T* ob = out + l * line_stride;
-        vk best = lowest, tile[L];
-        for (kp_index k = 0; k < order.count(); ++k) {
-            kp_index p0 = order.start(k);
-            int np = order.size(p0);
-            load_rows<3>(xb, line_stride, lines, p0, np, lowest, tile, k);
-            tile_steps<REVERSE, L>(np, [&](int j) { tile[j] = best = takes_max(tile[j], best) ? tile[j] : best; });
-            store_rows<3>(ob, line_stride, lines, p0, np, tile, k);
-        }
+        bool nan = false;
+        if (rows == R) nan = forward_prefix_rows<REVERSE, R>(xb, ob, length, line_stride, lowest);
+        else  // a last block of fewer rows: one row at a time
+            for (int r = 0; r < rows; ++r)
+                nan |= forward_prefix_rows<REVERSE, 1>(xb + r * line_stride, ob + r * line_stride, length,
+                                                       line_stride, lowest);
+        if (nan)
+            for (int r = 0; r < rows; ++r) redo(l + r);
     }
 }
 
@@ -522,8 +604,8 @@ inline void backward_rows(const T* x, const T* grad_out, G* grad_in, kp_index co
             kp_index p0 = order.start(k);
             int np = order.size(p0);
             gv* at = closed + (REVERSE ? length - p0 - np : p0);  // records by scan index
-            load_rows<1>(x + offset, line_stride, lines, p0, np, lowest, xt, k);
-            load_rows<1>(grad_out + offset, line_stride, lines, p0, np, vk{}, gt, k);
+            load_rows(x + offset, line_stride, lines, p0, np, lowest, xt, k);
+            load_rows(grad_out + offset, line_stride, lines, p0, np, vk{}, gt, k);
             tile_steps<REVERSE, L>(np, [&](int j) { bl::scan(xt[j], gt[j], best, sum, at[REVERSE ? np - 1 - j : j]); });
         }
         gv total = bl::gr::close(~typename bl::mk{}, sum), value[L];  // the total of the current position's run

@@ -104,9 +104,13 @@ bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index
     else if (grad_out)
         kp_cpu::backward_rows<false>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low);
     else if (reverse)
-        kp_cpu::forward_rows<true>(x + start, out + start, count, length, line_stride, low);
+        kp_cpu::forward_rows<true>(x + start, out + start, count, length, line_stride, low, [&](kp_index r) {
+            running_max_line<T>(x, out, start + r * line_stride + length - 1, length, -1);
+        });
     else
-        kp_cpu::forward_rows<false>(x + start, out + start, count, length, line_stride, low);
+        kp_cpu::forward_rows<false>(x + start, out + start, count, length, line_stride, low, [&](kp_index r) {
+            running_max_line<T>(x, out, start + r * line_stride, length, 1);
+        });
     return true;
 }
 #endif
