@@ -66,6 +66,13 @@ def _pool_inputs():
         "f64": torch.randn(1, 2, 5, 6, generator=g, dtype=torch.float64),
         "f16_ties": torch.randint(-2, 3, (1, 3, 7, 9), generator=g).half(),
         "bf16": torch.randn(1, 3, 7, 9, generator=g).bfloat16(),
+        # W-scan forward: blocks of 8 rows and a ragged rest of rows, whole 16- (8-, float64) position pieces
+        # and a ragged piece, a block with a NaN redone row by row
+        "rows_nan": torch.where(torch.rand(1, 2, 9, 40, generator=g) < 0.02, float("nan"),
+                                torch.randn(1, 2, 9, 40, generator=g)),
+        "rows_f64": torch.tensor([-0.0, 0.0, -1.0, 2.0], dtype=torch.float64)[
+            torch.randint(0, 4, (1, 2, 9, 21), generator=g)],
+        "rows_bf16": torch.tensor([-0.0, 0.0, -1.0, 2.0])[torch.randint(0, 4, (1, 2, 9, 37), generator=g)].bfloat16(),
     }
 
 
