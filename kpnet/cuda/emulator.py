@@ -129,16 +129,14 @@ def _library(path: str) -> ctypes.CDLL:
     return ctypes.CDLL(path)
 
 
-def run(kernels: dict[str, tuple[str, tuple[str, ...]]], name: str, grid: tuple[int, int, int],
-        block: tuple[int, int, int], args: list[ctypes._SimpleCData]) -> None:
-    """Launch kernel `name` on the CPU: every block and thread of grid × block, in order."""
-    lib = _library(str(build_cached(tuple(sorted(kernels.items())))))
+def load(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> ctypes.CDLL:
+    """The emulator library for `kernels`, built (or found in the cache) and loaded."""
+    return _library(str(build(kernels)))
+
+
+def run(lib: ctypes.CDLL, name: str, grid: tuple[int, int, int], block: tuple[int, int, int],
+        args: list[ctypes._SimpleCData]) -> None:
+    """Launch kernel `name` of `lib` (from `load`) on the CPU: every block and thread of grid × block, in order."""
     dims = (ctypes.c_uint * 6)(*grid, *block)
     argv = (ctypes.c_void_p * len(args))(*[ctypes.addressof(a) for a in args])
     getattr(lib, f"kpnet_emu_{name}")(dims, argv)
-
-
-@lru_cache(maxsize=None)
-def build_cached(kernels: tuple[tuple[str, tuple[str, tuple[str, ...]]], ...]) -> Path:
-    """`build`, once per process for a given kernel table."""
-    return build(dict(kernels))

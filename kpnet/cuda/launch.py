@@ -8,6 +8,7 @@ all of it but the device.
 from __future__ import annotations
 
 import ctypes
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -70,6 +71,12 @@ def _raw(t: Tensor) -> Tensor:
     return t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
+@lru_cache(maxsize=1)
+def _emulator_library() -> ctypes.CDLL:
+    """The emulator build of KERNELS, once per process (hashing the sources on every launch cost 4 µs)."""
+    return emulator.load(KERNELS)
+
+
 def launch(name: str, n_threads: int, args: list[Any], backend: str, device: torch.device) -> None:
     """Pack `args` for `backend` following the kernel table and launch `name` over n_threads threads."""
     source, params = KERNELS[name]
@@ -84,7 +91,7 @@ def launch(name: str, n_threads: int, args: list[Any], backend: str, device: tor
     elif backend == "emulate":
         packed = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else _SCALARS[p][0](a)
                   for a, p in zip(args, params)]
-        emulator.run(KERNELS, name, grid, block, packed)
+        emulator.run(_emulator_library(), name, grid, block, packed)
     else:
         raise ValueError(f"unknown kernel backend {backend!r}")
 
