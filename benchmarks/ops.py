@@ -28,12 +28,11 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from kpnet.cuda import launch
+from kpnet.cuda import emulator, launch
 from kpnet.engine import host_memory
 from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks
 from kpnet.ops.pooling import _SCAN, running_max_logstep
@@ -182,23 +181,12 @@ def streaming_floor(x: torch.Tensor, buffers: dict, floor, repeat: int) -> float
     return timed_vs_floor(stream, floor, repeat)[1]
 
 
-def last_level_cache() -> str:
-    """The size of the CPU's last-level cache as Linux reports it, or "unknown"."""
-    caches = sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
-    for index in reversed(caches):
-        try:
-            return f"L{(index / 'level').read_text().strip()} {(index / 'size').read_text().strip()}"
-        except OSError:
-            continue
-    return "unknown"
-
-
 def bench_pooling(repeat: int, shapes: list) -> dict:
     """Print the pooling table; returns {(shape, direction, impl, pass): ratio to the copy floor}."""
     glibc = fresh_floors(repeat, shapes)  # before the policy: glibc's defaults
     policy = host_memory.reuse_freed_memory()
     kept = fresh_floors(repeat, shapes)
-    print(f"corner pooling, single thread, milliseconds (× copy floor); last-level cache {last_level_cache()}; "
+    print(f"corner pooling, single thread, milliseconds (× copy floor); last-level cache {emulator.host_cache_bytes() / 2**20:.0f} MiB; "
           f"host memory: {policy.reason}")
     ratios = {}
     for shape in shapes:

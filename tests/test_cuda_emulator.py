@@ -94,6 +94,39 @@ def test_line_max_bit_identical(monkeypatch, name):
         _bits_equal(g_ref, g_emu)
 
 
+@pytest.fixture
+def streamed_stores():
+    """Every pooling call of the emulator streams its outputs past the caches, as calls larger than the
+    last-level cache do (kpnet_cpu_lanes.h, streams())."""
+    from kpnet.cuda import launch
+
+    lib = launch._emulator_library()
+    emulator.set_host_cache_bytes(lib, 1)
+    yield
+    emulator.set_host_cache_bytes(lib, emulator.host_cache_bytes())
+
+
+@pytest.mark.parametrize("name", [*_pool_inputs(), "aligned_f32", "aligned_f64"])
+def test_corner_pool_streamed_stores_bit_identical(monkeypatch, streamed_stores, name):
+    g = torch.Generator().manual_seed(13)
+    aligned = {"aligned_f32": torch.randn(2, 3, 20, 48, generator=g),  # rows of whole 64-byte lines
+               "aligned_f64": torch.randint(-2, 3, (1, 3, 17, 32), generator=g).double()}
+    x = aligned[name] if name in aligned else _pool_inputs()[name]
+    for direction in DIRECTIONS:
+        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
+        _bits_equal(y_ref, y_emu)
+        _bits_equal(g_ref, g_emu)
+
+
+def test_host_cache_bytes_reads_the_last_level(tmp_path):
+    for index, level, size in (("index0", "1", "48K"), ("index2", "2", "1024K"), ("index3", "3", "32768K")):
+        (tmp_path / index).mkdir()
+        (tmp_path / index / "level").write_text(level + "\n")
+        (tmp_path / index / "size").write_text(size + "\n")
+    assert emulator.host_cache_bytes(tmp_path) == 32 * 2**20
+    assert emulator.host_cache_bytes(tmp_path / "missing") == 0
+
+
 @pytest.mark.parametrize("specials", [(0x7FC00001, 0x7F800001, 0x7F800000), (0x7F800000, 0xFF800000)])
 def test_corner_pool_nan_and_inf_gradients_bit_identical(monkeypatch, specials):
     """Gradients holding NaNs (a quiet and a signaling pattern of one payload) and infinities sum to the

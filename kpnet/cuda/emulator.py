@@ -10,6 +10,9 @@ file. Flags: -O3 without fast-math and with -ffp-contract=off, so float arithmet
 on the GPU (compiled with --fmad=false) and in PyTorch; -fno-trapping-math only declares that no
 floating-point exception flag is read (values are unchanged), which lets g++ turn the kernels'
 compare-and-select into vector blends instead of branches.
+
+Loading a library also tells it the host's last-level cache size (host_cache_bytes): pooling calls whose
+tensors exceed it stream their outputs past the caches (kpnet_cpu_lanes.h, streams()).
 """
 
 from __future__ import annotations
@@ -124,9 +127,33 @@ def build(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> Path:
     return target
 
 
+@lru_cache(maxsize=4)
+def host_cache_bytes(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """The size in bytes of CPU 0's last-level cache as Linux reports it (sysfs, under root), or 0 where unknown."""
+    sizes = []
+    for index in root.glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        digits = size.rstrip("KMG")
+        if digits.isdigit():
+            sizes.append((level, int(digits) * scale))
+    return max(sizes)[1] if sizes else 0
+
+
+def set_host_cache_bytes(lib: ctypes.CDLL, size: int) -> None:
+    """Tell a loaded library the last-level cache size its stores plan for (0: never stream)."""
+    lib.kpnet_emu_set_host_cache_bytes(ctypes.c_longlong(size))
+
+
 @lru_cache(maxsize=None)
 def _library(path: str) -> ctypes.CDLL:
-    return ctypes.CDLL(path)
+    lib = ctypes.CDLL(path)
+    set_host_cache_bytes(lib, host_cache_bytes())
+    return lib
 
 
 def load(kernels: dict[str, tuple[str, tuple[str, ...]]]) -> ctypes.CDLL:

@@ -19,6 +19,11 @@ struct dim3 {
 
 static thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;  // per OS thread: launches may overlap
 
+// The host's last-level cache in bytes, which decides where CPU stores bypass the caches (kpnet_cpu_lanes.h,
+// streams()); set by the emulator when it loads the library (kpnet/cuda/emulator.py), 0 (never) until then.
+inline long long kp_host_cache_bytes = 0;
+extern "C" void kpnet_emu_set_host_cache_bytes(long long bytes) { kp_host_cache_bytes = bytes; }
+
 static inline float __int_as_float(int i) {
     float f;
     std::memcpy(&f, &i, sizeof f);

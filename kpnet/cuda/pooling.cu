@@ -76,10 +76,11 @@ __device__ __forceinline__ void running_max_backward_line(const T* __restrict__ 
 #ifdef KPNET_EMULATOR
 // A CPU thread's lines as vector lanes (kpnet_cpu_lanes.h): with lanes >= lines (H-scans) the thread owns
 // lanes / lines whole planes, otherwise `lanes` adjacent columns or rows as on the GPU. Returns false where
-// the per-line code serves (a single line).
+// the per-line code serves (a single line). `stream`: outputs bypass the caches (kp_cpu::streams).
 template <typename T, typename G>
-bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index n_planes, kp_index lines,
-                     kp_index length, kp_index line_stride, kp_index step, kp_index lanes, bool reverse, T lowest) {
+bool running_max_lanes(const T* x, const T* grad_out, T* out, G* grad_in, kp_index n_planes, kp_index lines,
+                       kp_index length, kp_index line_stride, kp_index step, kp_index lanes, bool reverse, T lowest,
+                       bool stream) {
     auto low = typename kp_cpu::key_lanes<T>::vk{} + kp_widen(lowest);
     if (line_stride == 1 && lanes >= lines) {
         kp_index per = lanes / lines, q0 = ((kp_index)blockIdx.x * blockDim.x + threadIdx.x) * per;
@@ -87,31 +88,48 @@ bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index
         kp_index planes = n_planes - q0 < per ? n_planes - q0 : per, plane = lines * length, at = q0 * plane;
         if (grad_out)
             kp_cpu::backward_columns(x + at, grad_out + at, grad_in + at, planes, plane, lines, length, step, reverse,
-                                     low);
+                                     low, stream);
         else
-            kp_cpu::forward_columns(x + at, out + at, planes, plane, lines, length, step, reverse, low);
+            kp_cpu::forward_columns(x + at, out + at, planes, plane, lines, length, step, reverse, low, stream);
         return true;
     }
     kp_index first, count, start;
     if (!kp_thread_lines(n_planes, lines, length, line_stride, lanes, &first, &count, &start)) return true;
     if (count < 2 || (line_stride != 1 && step != 1)) return false;
     if (line_stride == 1 && grad_out)
-        kp_cpu::backward_columns(x + start, grad_out + start, grad_in + start, 1, 0, count, length, step, reverse, low);
+        kp_cpu::backward_columns(x + start, grad_out + start, grad_in + start, 1, 0, count, length, step, reverse, low,
+                                 stream);
     else if (line_stride == 1)
-        kp_cpu::forward_columns(x + start, out + start, 1, 0, count, length, step, reverse, low);
+        kp_cpu::forward_columns(x + start, out + start, 1, 0, count, length, step, reverse, low, stream);
     else if (grad_out && reverse)
-        kp_cpu::backward_rows<true>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low);
+        kp_cpu::backward_rows<true>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low,
+                                    stream);
     else if (grad_out)
-        kp_cpu::backward_rows<false>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low);
+        kp_cpu::backward_rows<false>(x + start, grad_out + start, grad_in + start, count, length, line_stride, low,
+                                     stream);
     else if (reverse)
-        kp_cpu::forward_rows<true>(x + start, out + start, count, length, line_stride, low, [&](kp_index r) {
+        kp_cpu::forward_rows<true>(x + start, out + start, count, length, line_stride, low, stream, [&](kp_index r) {
             running_max_line<T>(x, out, start + r * line_stride + length - 1, length, -1);
         });
     else
-        kp_cpu::forward_rows<false>(x + start, out + start, count, length, line_stride, low, [&](kp_index r) {
+        kp_cpu::forward_rows<false>(x + start, out + start, count, length, line_stride, low, stream, [&](kp_index r) {
             running_max_line<T>(x, out, start + r * line_stride, length, 1);
         });
     return true;
+}
+
+// running_max_lanes, its outputs streamed when the launch's tensors (inputs and output) exceed the last-level
+// cache, and then fenced.
+template <typename T, typename G>
+bool running_max_cpu(const T* x, const T* grad_out, T* out, G* grad_in, kp_index n_planes, kp_index lines,
+                     kp_index length, kp_index line_stride, kp_index step, kp_index lanes, bool reverse, T lowest) {
+    kp_index elements = n_planes * lines * length;
+    kp_index bytes = elements * (kp_index)(grad_out ? 2 * sizeof(T) + sizeof(G) : 2 * sizeof(T));
+    bool stream = kp_cpu::streams(bytes);
+    bool served = running_max_lanes<T, G>(x, grad_out, out, grad_in, n_planes, lines, length, line_stride, step,
+                                          lanes, reverse, lowest, stream);
+    if (stream) kp_cpu::stream_fence();
+    return served;
 }
 #endif
 
