@@ -186,7 +186,8 @@ def bench_pooling(repeat: int, shapes: list) -> dict:
     glibc = fresh_floors(repeat, shapes)  # before the policy: glibc's defaults
     policy = host_memory.reuse_freed_memory()
     kept = fresh_floors(repeat, shapes)
-    print(f"corner pooling, single thread, milliseconds (× copy floor); last-level cache {emulator.host_cache_bytes() / 2**20:.0f} MiB; "
+    cache_mib = emulator.host_cache_bytes() / 2**20
+    print(f"corner pooling, single thread, milliseconds (× copy floor); last-level cache {cache_mib:.0f} MiB; "
           f"host memory: {policy.reason}")
     ratios = {}
     for shape in shapes:
