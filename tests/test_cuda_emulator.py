@@ -73,11 +73,26 @@ def _pool_inputs():
         "rows_f64": torch.tensor([-0.0, 0.0, -1.0, 2.0], dtype=torch.float64)[
             torch.randint(0, 4, (1, 2, 9, 21), generator=g)],
         "rows_bf16": torch.tensor([-0.0, 0.0, -1.0, 2.0])[torch.randint(0, 4, (1, 2, 9, 37), generator=g)].bfloat16(),
+        # rows of whole 64-byte lines: every whole vector store is aligned (streamed stores, kpnet_cpu_lanes.h)
+        "aligned_f32": torch.randn(2, 3, 20, 48, generator=g),
+        "aligned_f64": torch.randint(-2, 3, (1, 3, 17, 32), generator=g).double(),
     }
 
 
+@pytest.fixture(params=["cached", "streamed"])
+def stores(request):
+    """The emulator's output stores: as below the last-level cache, or streamed past the caches for every call,
+    as calls larger than the cache do (kpnet_cpu_lanes.h, streams())."""
+    from kpnet.cuda import launch
+
+    lib = launch._emulator_library()
+    emulator.set_host_cache_bytes(lib, 1 if request.param == "streamed" else 0)
+    yield request.param
+    emulator.set_host_cache_bytes(lib, emulator.host_cache_bytes())
+
+
 @pytest.mark.parametrize("name", list(_pool_inputs()))
-def test_corner_pool_bit_identical(monkeypatch, name):
+def test_corner_pool_bit_identical(monkeypatch, stores, name):
     x = _pool_inputs()[name]
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
@@ -90,30 +105,6 @@ def test_line_max_bit_identical(monkeypatch, name):
     x = _pool_inputs()[name]
     for dim in (2, 3):
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(line_max, x, dim))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
-
-
-@pytest.fixture
-def streamed_stores():
-    """Every pooling call of the emulator streams its outputs past the caches, as calls larger than the
-    last-level cache do (kpnet_cpu_lanes.h, streams())."""
-    from kpnet.cuda import launch
-
-    lib = launch._emulator_library()
-    emulator.set_host_cache_bytes(lib, 1)
-    yield
-    emulator.set_host_cache_bytes(lib, emulator.host_cache_bytes())
-
-
-@pytest.mark.parametrize("name", [*_pool_inputs(), "aligned_f32", "aligned_f64"])
-def test_corner_pool_streamed_stores_bit_identical(monkeypatch, streamed_stores, name):
-    g = torch.Generator().manual_seed(13)
-    aligned = {"aligned_f32": torch.randn(2, 3, 20, 48, generator=g),  # rows of whole 64-byte lines
-               "aligned_f64": torch.randint(-2, 3, (1, 3, 17, 32), generator=g).double()}
-    x = aligned[name] if name in aligned else _pool_inputs()[name]
-    for direction in DIRECTIONS:
-        (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
         _bits_equal(y_ref, y_emu)
         _bits_equal(g_ref, g_emu)
 
