@@ -12,11 +12,20 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from kpnet.errors import KpnetError
+
+
+# The recipe's enumerations: a value outside these stops at load time naming the key and the valid values.
+Family = Literal["centernet_points", "cornernet", "centernet_triplet"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "hourglass104", "hourglass52", "hourglass_small",
+                   "dla34"]
+RadiusMode = Literal["legacy_bug", "cornernet_fixed"]  # REFERENCE §2.2: XZ/DK published numbers; CN since 3e71377
+CropMode = Literal["centernet", "cornernet"]  # REFERENCE §5: XZ side max(h, w)·s affine; CN/DK 511·s window
+NmsMode = Literal["none", "soft_gaussian", "soft_linear", "hard"]  # REFERENCE §4.5 methods 2, 1, 0
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,7 @@ class DataConfig:
 class ModelConfig:
     """The network: a backbone and the family's heads."""
 
-    backbone: str = "resnet18"
+    backbone: Backbone = "resnet18"
     num_classes: int = 80
     width: int = 64  # ResNet stem width; 64 is the paper's ResNet-18/101
     up_channels: tuple[int, ...] = (256, 128, 64)  # the three up-convolution stages (objects as points §4)
@@ -54,7 +63,7 @@ class ModelConfig:
 class TargetConfig:
     """Ground-truth rendering (REFERENCE §2)."""
 
-    radius_mode: str = "legacy_bug"  # "legacy_bug" (XZ/DK, published numbers) or "cornernet_fixed" (CN since 3e71377)
+    radius_mode: RadiusMode = "legacy_bug"
     min_overlap: float = 0.7
     max_objs: int = 128
 
@@ -80,7 +89,7 @@ class AugmentConfig:
     flip: float = 0.5
     color_jitter: float = 0.4
     lighting: float = 0.1
-    crop: str = "centernet"  # "centernet" (XZ: side max(h, w)·s, affine) or "cornernet" (CN/DK: 511·s window, REFERENCE §5)
+    crop: CropMode = "centernet"
 
 
 @dataclass(frozen=True)
@@ -119,7 +128,7 @@ class TestConfig:
     region_area: float = 22500.0  # centernet_triplet: n = region_n_small for box area <= this (original pixels)
     region_n_small: float = 3.0
     region_n_large: float = 5.0
-    nms: str = "none"  # "none" (single scale), "soft_gaussian", "soft_linear"; multi-scale always merges
+    nms: NmsMode = "none"  # per-class NMS after decoding; multi-scale tests always merge (gaussian when "none")
     nms_sigma: float = 0.5
     nms_threshold: float = 0.5
     max_per_image: int = 100
@@ -131,7 +140,7 @@ class Recipe:
     """A complete, immutable description of a detector: what to build, train and test."""
 
     name: str = "recipe"
-    family: str = "centernet_points"
+    family: Family = "centernet_points"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     targets: TargetConfig = field(default_factory=TargetConfig)
@@ -262,6 +271,13 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
             value = [value]
         (item_type, *_rest) = typing.get_args(tp)
         return tuple(_coerce(item_type, v, source, key) for v in value)
+    if origin is Literal:
+        options = typing.get_args(tp)
+        if isinstance(value, str) and value in options:
+            return value
+        close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise KpnetError(source, f"{key}: unknown value {value!r}; {hint}valid values: {', '.join(options)}")
     if tp is bool:
         if isinstance(value, bool):
             return value

@@ -8,10 +8,13 @@ inside DataLoader workers and is reused by error analysis to build ground-truth 
 from __future__ import annotations
 
 import math
+import typing
 
 import numpy as np
 
-RADIUS_MODES = ("cornernet_fixed", "legacy_bug")
+from kpnet.config import RadiusMode
+
+RADIUS_MODES: tuple[str, ...] = typing.get_args(RadiusMode)
 STRIDE = 4
 
 
@@ -20,7 +23,7 @@ def output_size(input_size: int) -> int:
     return -(-input_size // STRIDE)
 
 
-def gaussian_radius(height: float, width: float, min_overlap: float, mode: str = "cornernet_fixed") -> int:
+def gaussian_radius(height: float, width: float, min_overlap: float, mode: str) -> int:
     """Corner radius keeping IoU >= min_overlap (CornerNet §3.2; REFERENCE §2.2, both forms).
 
     `cornernet_fixed` takes the correct root of each of the three quadratics (one corner in, both in,
@@ -83,9 +86,9 @@ def center_targets(
     classes: np.ndarray,
     num_classes: int,
     out_hw: tuple[int, int],
-    max_objs: int = 128,
-    radius_mode: str = "legacy_bug",
-    min_overlap: float = 0.7,
+    max_objs: int,
+    radius_mode: str,
+    min_overlap: float,
 ) -> dict[str, np.ndarray]:
     """Objects-as-points targets (eq. 1-3): centre heatmap, size, offset, flat index and mask.
 
@@ -145,9 +148,9 @@ def corner_targets(
     classes: np.ndarray,
     num_classes: int,
     out_hw: tuple[int, int],
-    max_objs: int = 128,
-    radius_mode: str = "cornernet_fixed",
-    min_overlap: float = 0.3,
+    max_objs: int,
+    radius_mode: str,
+    min_overlap: float,
     centers: bool = False,
 ) -> dict[str, np.ndarray]:
     """CornerNet targets (CornerNet §3.2-3.3; REFERENCE §2.4), plus the triplet centre keypoint with `centers`.

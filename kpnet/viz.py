@@ -16,18 +16,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from kpnet.config import Recipe
-from kpnet.engine.inference import detect_with_heads, network_heads
-from kpnet.models import family_of
-
-# Per family: the heads that are class heatmaps (logits), drawn by `--heatmaps`.
-HEAT_HEADS: dict[str, tuple[str, ...]] = {
-    "centernet_points": ("hm",),
-    "cornernet": ("tl_heat", "br_heat"),
-    "centernet_triplet": ("tl_heat", "br_heat", "ct_heat"),
-}
+from kpnet.detectors.base import Detections, Detector
+from kpnet.engine.inference import detect_with_heads
 
 GT_COLOUR = (0, 255, 0)  # BGR green; the detection palette below has no pure green
 PALETTE = (
@@ -69,12 +62,11 @@ def draw_boxes(
     return out
 
 
-def draw_detections(image: np.ndarray, dets: Tensor | np.ndarray, class_names: Sequence[str]) -> np.ndarray:
-    """Detections (N, 6) x1, y1, x2, y2, score, class as boxes coloured by class, labelled 'name score'."""
-    d = np.asarray(dets, np.float64).reshape(-1, 6)
-    classes = d[:, 5].astype(int)
-    labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(classes, d[:, 4], strict=True)]
-    return draw_boxes(image, d[:, :4], labels, [class_colour(c) for c in classes])
+def draw_detections(image: np.ndarray, dets: Detections, class_names: Sequence[str]) -> np.ndarray:
+    """Detections as boxes coloured by class, labelled 'name score'."""
+    classes = dets.classes.tolist()
+    labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(classes, dets.scores.tolist(), strict=True)]
+    return draw_boxes(image, dets.boxes.numpy(), labels, [class_colour(c) for c in classes])
 
 
 def draw_regions(image: np.ndarray, regions: np.ndarray, centres: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -124,25 +116,24 @@ class Inference:
     """One image through the test pipeline: detections in image pixels, and the heads of the
     scale nearest 1 (unflipped copy) with the meta and stride that map them back."""
 
-    dets: Tensor
+    dets: Detections
     heads: dict[str, Tensor]
     meta: dict[str, float]
     down: float
 
 
 @torch.no_grad()
-def infer(model: nn.Module, image: np.ndarray) -> Inference:
-    """Run the model's test pipeline once, keeping the raw heads for the heatmap overlays."""
-    model.eval()
+def infer(detector: Detector, image: np.ndarray) -> Inference:
+    """Run the detector's test pipeline once, keeping the raw heads for the heatmap overlays."""
+    detector.eval()
     seen: list[tuple[dict[str, Tensor], dict[str, float], float]] = []
-    net = network_heads(model)
 
     def recording(batch: Tensor, meta: dict[str, float]) -> dict[str, Tensor]:
-        outputs = net(batch, meta)
+        outputs = detector.network_heads(batch, meta)
         seen.append(({k: v[0] for k, v in outputs.items()}, meta, batch.shape[-1] / next(iter(outputs.values())).shape[-1]))
         return outputs
 
-    dets = detect_with_heads(recording, family_of(model.recipe), image, model.recipe.test)
+    dets = detect_with_heads(recording, detector, image, detector.test)
     heads, meta, down = min(seen, key=lambda s: abs(s[1]["scale"] - 1.0))
     return Inference(dets, heads, meta, down)
 

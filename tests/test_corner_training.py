@@ -13,7 +13,7 @@ import torch
 from conftest import run_cli
 from kpnet.config import load_recipe
 from kpnet.engine.checkpoint import read_checkpoint
-from kpnet.models import build_model, family_of
+from kpnet.models import build_detector
 from kpnet.targets import output_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,15 +22,15 @@ pytestmark = pytest.mark.slow
 
 def test_triplet_hg52_forward_backward_at_511() -> None:
     recipe = load_recipe(REPO / "recipes" / "centernet_triplet_hg52.yaml")
-    family = family_of(recipe)
     torch.manual_seed(0)
-    model = build_model(recipe).train()
+    detector = build_detector(recipe)
+    model = detector.network.train()
     out = model(torch.randn(1, 3, 511, 511))
     assert len(out) == 1 and out[0]["ct_heat"].shape == (1, 80, 128, 128)
     ratio = output_size(511) / 511
     boxes = np.array([[40, 60, 300, 400], [200, 10, 500, 260]], np.float32) * ratio
-    t = family.encode(boxes, np.array([3, 17]), 80, (128, 128), 128, "legacy_bug", 0.7)
-    losses = family.loss(out, {k: torch.from_numpy(v)[None] for k, v in t.items()})
+    t = detector.target_renderer()(boxes, np.array([3, 17]), out_hw=(128, 128))
+    losses = detector.loss(out, {k: torch.from_numpy(v)[None] for k, v in t.items()})
     losses["loss"].backward()
     assert torch.isfinite(losses["loss"])
     assert model.backbone.pre[0].conv.weight.grad.abs().sum() > 0

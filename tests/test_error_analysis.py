@@ -12,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from kpnet.cli import app
-from kpnet.cli.error_analysis import PAPER_ROWS, parse_groups, row_label
+from kpnet.cli.error_analysis import parse_groups, row_label
+from kpnet.models import FAMILIES
 from kpnet.errors import KpnetError
 
 from conftest import REPO, run_cli
@@ -56,19 +57,17 @@ def shapes_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[s
 
 def test_paper_rows_and_labels() -> None:
     # Objects as points Table 7: w/ gt size, w/ gt heatmap, w/ gt heatmap+size, w/ gt hm.+size+offset.
-    rows = [heads for heads, _ in PAPER_ROWS["centernet_points"]]
+    paper = FAMILIES["centernet_points"].error_rows
+    rows = [heads for heads, _ in paper]
     assert rows == [("wh",), ("hm",), ("hm", "wh"), ("hm", "wh", "reg")]
-    assert [row_label(r, "centernet_points") for r in ((), *rows)] == [
+    assert [row_label(r, paper) for r in ((), *rows)] == [
         "baseline", "w/ gt size", "w/ gt heatmap", "w/ gt heatmap+size", "w/ gt hm.+size+offset"]
-    assert row_label(("reg",), "centernet_points") == "w/ gt reg"  # a row the paper does not have
+    assert row_label(("reg",), paper) == "w/ gt reg"  # a row the paper does not have
 
 
 def test_every_family_has_paper_rows_ending_with_all_heads() -> None:
-    from kpnet.models import FAMILIES
-
-    assert set(PAPER_ROWS) == set(FAMILIES)
-    for family, rows in PAPER_ROWS.items():
-        heads = tuple(FAMILIES[family].HEADS)
+    for family, detector in FAMILIES.items():
+        heads, rows = detector.heads, detector.error_rows
         assert rows[-1][0] == heads, family
         assert all(r == tuple(h for h in heads if h in r) for r, _ in rows), family
 
@@ -130,7 +129,7 @@ def test_all_heads_replaced_for_corner_families_on_shapes(family: str, shapes_se
                                                           tmp_path: Path) -> None:
     from kpnet.config import load_recipe
     from kpnet.engine.checkpoint import save_checkpoint
-    from kpnet.models import FAMILIES, build_model
+    from kpnet.models import build_model
 
     root = shapes_setup[1][0].split("=", 1)[1]
     overrides = [
@@ -143,7 +142,7 @@ def test_all_heads_replaced_for_corner_families_on_shapes(family: str, shapes_se
     recipe = load_recipe(recipe_path, overrides)
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", build_model(recipe), recipe)
-    heads = list(FAMILIES[family].HEADS)
+    heads = list(FAMILIES[family].heads)
     result = CliRunner().invoke(app, ["error-analysis", str(recipe_path), "--checkpoint", str(ckpt), *_sets(overrides),
                                       "--replace", ",".join(reversed(heads)), "--json"])
     assert result.exit_code == 0, result.stderr

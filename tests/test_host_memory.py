@@ -64,7 +64,7 @@ if step == "train":
     train(recipe, out)
 else:
     index = load_index(root / "annotations" / "instances_val.json", root / "val")
-    predict_dataset(load_checkpoint(out / "last.pt"), index, recipe.test)
+    predict_dataset(load_checkpoint(out / "last.pt"), index)
 print(json.dumps({"applied": host_memory._applied is not None and host_memory._applied.reuse}))
 """
 

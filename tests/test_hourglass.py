@@ -9,9 +9,9 @@ from torch import nn
 
 from kpnet.backbones.hourglass import HourglassModule, Residual, hourglass52, hourglass104, hourglass_small
 from kpnet.detectors.centernet_triplet import CenterNetTriplet
-from kpnet.detectors.cornernet import CornerNet
-from kpnet.detectors.heads import HEAT_BIAS
+from kpnet.detectors.corner import CornerNetwork
 from kpnet.errors import KpnetError
+from kpnet.layers import HEAT_BIAS
 
 CORNER_KEYS = {"tl_heat", "br_heat", "tl_tag", "br_tag", "tl_regr", "br_regr"}
 TRIPLET_KEYS = CORNER_KEYS | {"ct_heat", "ct_regr"}
@@ -96,7 +96,7 @@ def test_triplet_train_returns_every_stack_eval_only_last():
 
 
 def test_cornernet_keys_and_heat_bias():
-    net = CornerNet(hourglass_small(num_stacks=1), 5)
+    net = CornerNetwork(hourglass_small(num_stacks=1), 5)
     (out,) = net(torch.randn(1, 3, 128, 128))
     assert set(out) == CORNER_KEYS
     for heads in (net.tl_heats, net.br_heats):

@@ -13,12 +13,12 @@ from kpnet.backbones.dla import DeformConvBlock, bilinear_upsample, dla34
 from kpnet.backbones.hourglass import hourglass52, hourglass104
 from kpnet.detectors.centernet_points import CenterNetPoints
 from kpnet.detectors.centernet_triplet import CenterNetTriplet
-from kpnet.detectors.cornernet import CornerNet
+from kpnet.detectors.corner import CornerNetwork
 
 HG = {"HG-104": hourglass104, "HG-52": hourglass52}
 BUILDERS = {
     "backbone": lambda backbone: backbone,
-    "CornerNet": lambda backbone: CornerNet(backbone, 80),
+    "CornerNet": lambda backbone: CornerNetwork(backbone, 80),
     "CenterNet-triplets": lambda backbone: CenterNetTriplet(backbone, 80, cascade=True, center_pool=True),
     "CenterNet-points": lambda backbone: CenterNetPoints(backbone, 80, head_conv=256),
 }
@@ -48,7 +48,7 @@ def test_parameter_count_matches_reference(model, backbone, expected):
 def test_exact_counts_of_the_confirmed_rows():
     """REFERENCE §1.7: instantiating the official code gives 201.04 M and 191.28 M."""
     with torch.device("meta"):
-        assert round(millions(CornerNet(hourglass104(), 80)), 2) == 201.04
+        assert round(millions(CornerNetwork(hourglass104(), 80)), 2) == 201.04
         assert round(millions(CenterNetPoints(hourglass104(), 80, head_conv=256)), 2) == 191.28
 
 
@@ -59,7 +59,7 @@ def test_triplet_ablation_counts():
         full = millions(CenterNetTriplet(hourglass52(), 80))
         no_ctp = millions(CenterNetTriplet(hourglass52(), 80, center_pool=False))
         no_ccp = millions(CenterNetTriplet(hourglass52(), 80, cascade=False))
-        cornernet_ccp = millions(CornerNet(hourglass52(), 80, cascade=True))
+        cornernet_ccp = millions(CornerNetwork(hourglass52(), 80, cascade=True))
     look = 2 * 2 * (256 * 128 * 9 + 2 * 128 + 128 * 128 * 9) / 1e6
     assert no_ctp == full
     assert full - no_ccp == pytest.approx(look)

@@ -76,7 +76,7 @@ def test_gaussian_sigma_and_merge_by_max() -> None:
 
 def test_center_targets_values() -> None:
     boxes = np.array([[2.0, 3.0, 10.5, 7.0], [20.0, 20.0, 20.0, 25.0]], np.float32)  # the second is empty
-    t = center_targets(boxes, np.array([1, 0]), num_classes=2, out_hw=(32, 32), max_objs=4)
+    t = center_targets(boxes, np.array([1, 0]), 2, (32, 32), 4, "legacy_bug", 0.7)
     assert t["reg_mask"].tolist() == [1, 0, 0, 0]
     cx, cy = 6.25, 5.0
     assert t["ind"][0] == 5 * 32 + 6
@@ -87,7 +87,7 @@ def test_center_targets_values() -> None:
 
 def test_center_targets_clip_and_cap() -> None:
     boxes = np.array([[-5.0, -5.0, 4.0, 4.0]] * 5, np.float32)
-    t = center_targets(boxes, np.zeros(5, np.int64), 1, (16, 16), max_objs=3)
+    t = center_targets(boxes, np.zeros(5, np.int64), 1, (16, 16), 3, "legacy_bug", 0.7)
     assert t["reg_mask"].sum() == 3
     assert t["wh"][0].tolist() == [4.0, 4.0]  # clipped to the grid before measuring
 

@@ -25,7 +25,7 @@ def _train_and_score(recipe_name: str, data: Path, out: Path) -> tuple[dict[str,
     recipe = load_recipe(REPO / "recipes" / recipe_name, [f"data.root={data}"])
     summary = train(recipe, out / recipe.name)
     index = load_index(data / "annotations" / "instances_val.json", data / "val")
-    results = predict_dataset(load_checkpoint(summary["checkpoint"]), index, recipe.test)
+    results = predict_dataset(load_checkpoint(summary["checkpoint"]), index)
     dets = evaluation.load_dets(results, index.coco, source=recipe.name)
     return evaluation.bbox_stats(index.coco, dets), evaluation.fd_rates(index.coco, dets)
 

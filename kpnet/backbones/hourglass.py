@@ -4,30 +4,16 @@ merged into the next stack (features only, never predictions)."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kpnet.errors import KpnetError
+from kpnet.layers import convolution
 
 HG_DIMS = (256, 256, 384, 384, 384, 512)  # channels at strides 4, 8, 16, 32, 64, 128
 HG_MODULES = (2, 2, 2, 2, 2, 4)  # residuals per level; the last entry is the innermost (4 at 512 ch)
-
-
-def convolution(
-    kernel: int, in_channels: int, out_channels: int, stride: int = 1, with_bn: bool = True
-) -> nn.Sequential:
-    """k x k conv (bias only without BN) -> BN -> ReLU: CornerNet's `convolution` block."""
-    layers: OrderedDict[str, nn.Module] = OrderedDict()
-    layers["conv"] = nn.Conv2d(
-        in_channels, out_channels, kernel, stride=stride, padding=(kernel - 1) // 2, bias=not with_bn
-    )
-    if with_bn:
-        layers["bn"] = nn.BatchNorm2d(out_channels)
-    layers["relu"] = nn.ReLU(inplace=True)
-    return nn.Sequential(layers)
 
 
 class Residual(nn.Module):
@@ -166,7 +152,6 @@ __all__ = [
     "Hourglass",
     "HourglassModule",
     "Residual",
-    "convolution",
     "hourglass52",
     "hourglass104",
     "hourglass_small",

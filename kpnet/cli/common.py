@@ -24,8 +24,24 @@ JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout; human output goes to stderr.")
 ]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=8 (repeatable).")
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+DEVICES = ("cpu", "cuda")
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def check_device(device: str) -> str:
+    """`--device` as given, or exit 2 when it is not cpu/cuda or CUDA is asked for without a CUDA device."""
+    if device not in DEVICES:
+        raise KpnetError("--device", f"expected one of {', '.join(DEVICES)}, got {device!r}")
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KpnetError("--device", "cuda requested but no CUDA device is available")
+    return device
 
 
 @dataclass

@@ -11,31 +11,9 @@ import typer
 from rich import box
 from rich.table import Table
 
-from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
-from kpnet.cli.train import SetOpt
+from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
 from kpnet.errors import KpnetError
 
-# Per family: the replacement rows after the baseline, in the paper's order with the paper's row names
-# (heads in the family's HEADS order), ending with every head replaced.
-CORNER_HEADS = ("tl_heat", "br_heat", "tl_tag", "br_tag", "tl_regr", "br_regr")
-EVERYTHING = "w/ gt all heads"  # not in the paper
-PAPER_ROWS: dict[str, tuple[tuple[tuple[str, ...], str], ...]] = {
-    "centernet_points": (  # objects as points Table 7
-        (("wh",), "w/ gt size"),
-        (("hm",), "w/ gt heatmap"),
-        (("hm", "wh"), "w/ gt heatmap+size"),
-        (("hm", "wh", "reg"), "w/ gt hm.+size+offset"),
-    ),
-    "cornernet": (  # CornerNet Table 3
-        (("tl_heat", "br_heat"), "w/ gt heatmaps"),
-        (("tl_heat", "br_heat", "tl_regr", "br_regr"), "w/ gt heatmaps + offsets"),
-        (CORNER_HEADS, EVERYTHING),
-    ),
-    "centernet_triplet": (  # triplet Table 5
-        (("ct_heat", "ct_regr"), "w/ gt center keypoints"),
-        ((*CORNER_HEADS, "ct_heat", "ct_regr"), EVERYTHING),
-    ),
-}
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 HELP = (
@@ -66,12 +44,11 @@ def parse_groups(groups: list[str], heads: tuple[str, ...], family: str) -> list
     return rows
 
 
-def row_label(replace: tuple[str, ...], family: str) -> str:
+def row_label(replace: tuple[str, ...], paper_rows: tuple[tuple[tuple[str, ...], str], ...]) -> str:
     """The paper's name of a row ('baseline', 'w/ gt heatmap+size'), or 'w/ gt' and the heads for other rows."""
     if not replace:
         return "baseline"
-    named = dict(PAPER_ROWS.get(family, ()))
-    return named.get(replace, "w/ gt " + "+".join(replace))
+    return dict(paper_rows).get(replace, "w/ gt " + "+".join(replace))
 
 
 def _table(doc: dict[str, Any]) -> Table:
@@ -94,7 +71,7 @@ def error_analysis_command(
         "--replace", help="Heads to replace in one row, e.g. hm,wh (repeatable; default: the paper's rows).")] = None,
     overrides: SetOpt = None,
     split: Annotated[str, typer.Option("--split", help="train or val.")] = "val",
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -107,33 +84,25 @@ def error_analysis_command(
         from kpnet.analysis.error_analysis import predict_with_replacement
         from kpnet.api import load_checkpoint
         from kpnet.config import load_recipe
-        from kpnet.data.dataset import load_index
-        from kpnet.engine.train import check_classes, data_paths
-        from kpnet.models import family_of
+        from kpnet.data.dataset import load_split
 
-        if device not in ("cpu", "cuda"):
-            raise KpnetError("--device", f"expected cpu or cuda, got {device!r}")
+        check_device(device)
         r = load_recipe(recipe, list(overrides or []))
-        heads = tuple(family_of(r).HEADS)
-        if not replace and r.family not in PAPER_ROWS:
-            raise KpnetError(recipe, f"no paper rows known for family {r.family!r}; choose rows with --replace GROUP")
-        rows = [()] + (parse_groups(replace, heads, r.family) if replace else [g for g, _ in PAPER_ROWS[r.family]])
-        ann_file, image_root = data_paths(r, split)
-        index = load_index(ann_file, image_root)
-        check_classes(len(index.cat_ids), r, ann_file)
-        model = load_checkpoint(checkpoint, recipe=r, device=device)
+        index = load_split(r, split)
+        detector = load_checkpoint(checkpoint, recipe=r, device=device)
+        heads, paper_rows = detector.heads, detector.error_rows
+        rows = [()] + (parse_groups(replace, heads, r.family) if replace else [g for g, _ in paper_rows])
         doc: dict[str, Any] = {"recipe": str(recipe), "checkpoint": str(checkpoint), "split": split,
                                "family": r.family, "images": len(index.image_ids), "rows": []}
         with Progress(console=o.err, transient=True) as bar:
             task = bar.add_task("error analysis", total=len(rows))
             for row in rows:
-                bar.update(task, description=row_label(row, r.family))
-                # With every head replaced the network is not needed: the row is the same without it.
-                net = None if set(row) == set(heads) else model
-                results = predict_with_replacement(r, index, set(row), net, r.data.num_workers)
-                dets = evaluation.load_dets(results, index.coco, source=f"predictions ({row_label(row, r.family)})")
+                label = row_label(row, paper_rows)
+                bar.update(task, description=label)
+                results = predict_with_replacement(detector, index, set(row), r.data.num_workers)
+                dets = evaluation.load_dets(results, index.coco, source=f"predictions ({label})")
                 stats = evaluation.stats_dict(evaluation.evaluate_bbox(index.coco, dets))
-                doc["rows"].append({"replace": list(row), "label": row_label(row, r.family),
+                doc["rows"].append({"replace": list(row), "label": label,
                                     "bbox": {k: stats[k] for k in AP_KEYS}})
                 bar.advance(task)
         o.print(_table(doc))

@@ -8,8 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
-from kpnet.cli.train import SetOpt
+from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
 
 
 def _scales(text: str | None) -> list[float] | None:
@@ -55,7 +54,7 @@ def eval_command(
     min_ap: Annotated[float | None, typer.Option("--min-ap", help="Exit 1 unless bbox AP >= this.")] = None,
     fd: Annotated[bool, typer.Option("--fd-rates", help="Add false-discovery rates (triplet paper Tables 1, 3).")] = False,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write precision-recall curves (PNG) into this folder.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -79,6 +78,7 @@ def eval_command(
         else:
             if recipe is None or checkpoint is None:
                 raise KpnetError("eval", "give RECIPE and --checkpoint CKPT, or --gt ANN --dets RESULTS")
+            check_device(device)
             coco_gt, results, results_path, info = _predict(o, recipe, checkpoint, overrides, split, flip, scales, out, device)
             coco_dt = evaluation.load_dets(results, coco_gt, source="predictions")
             doc.update(info)
@@ -113,9 +113,8 @@ def _predict(
 
     from kpnet.api import load_checkpoint
     from kpnet.config import load_recipe
-    from kpnet.data.dataset import load_index
+    from kpnet.data.dataset import load_split
     from kpnet.engine.inference import predict_dataset
-    from kpnet.engine.train import check_classes, data_paths
     from kpnet.io import atomic_write_json
 
     r = load_recipe(recipe_path, list(overrides or []))
@@ -125,13 +124,11 @@ def _predict(
     if (values := _scales(scales)) is not None:
         test = dataclasses.replace(test, scales=tuple(values))
     r = dataclasses.replace(r, test=test)
-    ann_file, image_root = data_paths(r, split)
-    index = load_index(ann_file, image_root)
-    check_classes(len(index.cat_ids), r, ann_file)
-    model = load_checkpoint(checkpoint, recipe=r, device=device)
+    index = load_split(r, split)
+    detector = load_checkpoint(checkpoint, recipe=r, device=device)
     with Progress(console=o.err, transient=True) as bar:
         task = bar.add_task(f"eval {split}", total=len(index.image_ids))
-        results = predict_dataset(model, index, test, r.data.num_workers, on_image=lambda: bar.advance(task))
+        results = predict_dataset(detector, index, r.data.num_workers, on_image=lambda: bar.advance(task))
     results_path = out or checkpoint.parent / f"results_{split}.json"
     atomic_write_json(results_path, results)
     info = {

@@ -7,11 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
-
-SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=8 (repeatable).")
-]
+from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
 
 
 def train_command(
@@ -19,7 +15,7 @@ def train_command(
     overrides: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/last.pt where it stopped.")] = False,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for weights, sample order and augmentation.")] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -31,10 +27,8 @@ def train_command(
 
         from kpnet.config import load_recipe
         from kpnet.engine import train as engine
-        from kpnet.errors import KpnetError
 
-        if device not in ("cpu", "cuda"):
-            raise KpnetError("--device", f"expected cpu or cuda, got {device!r}")
+        check_device(device)
         sets = list(overrides or [])
         if seed is not None:
             sets.append(f"train.seed={seed}")

@@ -9,8 +9,7 @@ from typing import Annotated, Any
 import numpy as np
 import typer
 
-from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
-from kpnet.cli.train import SetOpt
+from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
 from kpnet.errors import KpnetError
 
 HELP = (
@@ -102,8 +101,7 @@ def _count(n: int, noun: str, plural: str) -> str:
 
 def _check_usage(images: list[Path], browse: bool, image_dir: Path | None, ids: list[str] | None, gt: Path | None,
                  has_recipe: bool, overrides: list[str] | None, score_thresh: float, device: str) -> None:
-    if device not in ("cpu", "cuda"):
-        raise KpnetError("--device", f"expected cpu or cuda, got {device!r}")
+    check_device(device)
     if browse and images:
         raise KpnetError("--ann", "browses a data set: give --ann ANN --images DIR without IMAGE arguments")
     if browse and image_dir is None:
@@ -120,7 +118,7 @@ def _check_usage(images: list[Path], browse: bool, image_dir: Path | None, ids: 
         raise KpnetError("--score-thresh", f"must lie in [0, 1], got {score_thresh}")
 
 
-def _draw_item(it: Item, out: Path, model: Any, names: list[str], score_thresh: float,
+def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thresh: float,
                heat_heads: tuple[str, ...], regions: bool = False) -> dict[str, Any]:
     """Draw one input's PNGs (ground truth, detections, heat heads) and describe them for --json."""
     from kpnet import viz
@@ -132,39 +130,21 @@ def _draw_item(it: Item, out: Path, model: Any, names: list[str], score_thresh: 
                              "size": [int(image.shape[1]), int(image.shape[0])],
                              "gt": None if it.gt_boxes is None else len(it.gt_labels), "files": []}
     drawn = image if it.gt_boxes is None else viz.draw_ground_truth(image, it.gt_boxes, it.gt_labels)
-    if model is None:
+    if detector is None:
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_gt.png", drawn)))
         return entry
-    inference = viz.infer(model, image)
-    dets = inference.dets[inference.dets[:, 4] >= score_thresh]
-    entry["detections"] = [{"bbox": [round(v, 2) for v in d[:4]], "score": round(d[4], 4), "class": int(d[5]),
-                            "name": names[int(d[5])]} for d in dets.tolist()]
+    inference = viz.infer(detector, image)
+    dets = inference.dets.select(inference.dets.scores >= score_thresh)
+    entry["detections"] = [{"bbox": [round(v, 2) for v in box], "score": round(score, 4), "class": cls, "name": names[cls]}
+                           for box, score, cls in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.classes.tolist())]
     entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_det.png", viz.draw_detections(drawn, dets, names))))
     for head, overlay in viz.heat_overlays(image, inference, heat_heads).items():
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_heat_{head}.png", overlay)))
     if regions:
-        entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_regions.png", _regions_image(model, image, dets))))
+        boxes, points = detector.central_regions(dets)
+        drawn_regions = viz.draw_regions(image, boxes.numpy(), points.numpy(), dets.classes.tolist())
+        entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_regions.png", drawn_regions)))
     return entry
-
-
-def _regions_image(model: Any, image: Any, dets: Any) -> Any:
-    """The drawn boxes' central regions and the centres (from scale 1) that validated them."""
-    import torch
-
-    from kpnet import viz
-    from kpnet.detectors import centernet_triplet as triplet
-    from kpnet.engine.inference import network_heads, scale_rows
-
-    test = model.recipe.test
-    base = 1.0 if 1.0 in test.scales else test.scales[0]
-    rows = scale_rows(network_heads(model), triplet, image, test, base)
-    centres = rows[rows[:, triplet.KIND_COLUMN] == 1]
-    area, small, large = test.region_area, test.region_n_small, test.region_n_large
-    first = triplet.matching_centres(dets, centres, area, small, large)
-    points = torch.full((len(dets), 2), float("nan"))
-    points[first >= 0] = centres[first[first >= 0], :2]
-    regions = triplet.central_regions(dets[:, :4], area, small, large)
-    return viz.draw_regions(image, regions.numpy(), points.numpy(), dets[:, 5].long().tolist())
 
 
 def visualize_command(
@@ -182,7 +162,7 @@ def visualize_command(
     ann: Annotated[Path | None, typer.Option("--ann", help="Browse a data set: its COCO annotation file.")] = None,
     image_dir: Annotated[Path | None, typer.Option("--images", help="With --ann: the folder of its images.")] = None,
     ids: Annotated[list[str] | None, typer.Option("--ids", help="With --ann: image ids to draw, e.g. 139,285.")] = None,
-    device: Annotated[str, typer.Option("--device", help="cpu or cuda.")] = "cpu",
+    device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -204,7 +184,7 @@ def visualize_command(
 
         doc: dict[str, Any] = {"checkpoint": None, "recipe": None, "class_names_from": None, "score_thresh": score_thresh,
                                "out": str(out), "images": [], "files": []}
-        model, names, heat_heads = None, [], ()
+        detector, names, heat_heads = None, [], ()
         if use_model:
             from kpnet.api import load_checkpoint
             from kpnet.config import load_recipe
@@ -214,22 +194,20 @@ def visualize_command(
                 ckpt = newest_checkpoint()
                 o.err.print(f"using the newest checkpoint: {ckpt}", markup=False)
             r = load_recipe(recipe, list(overrides or [])) if recipe is not None else None
-            model = load_checkpoint(ckpt, recipe=r, device=device)
-            family = model.recipe.family
-            if heatmaps and family not in viz.HEAT_HEADS:
-                raise KpnetError("--heatmaps", f"no heat heads known for family {family!r}")
-            heat_heads = viz.HEAT_HEADS[family] if heatmaps else ()
-            if regions and family != "centernet_triplet":
-                raise KpnetError("--regions", f"central regions exist only for centernet_triplet models, not {family!r}")
-            names, source, why = viz.class_names_for(model.recipe)
-            if model.class_names and len(model.class_names) == model.recipe.model.num_classes:
-                names, source = list(model.class_names), f"{ckpt} (training set)"
+            detector = load_checkpoint(ckpt, recipe=r, device=device)
+            family = detector.recipe.family
+            heat_heads = detector.heat_heads if heatmaps else ()
+            if regions and not detector.has_central_regions:
+                raise KpnetError("--regions", f"{family!r} models have no central regions (centernet_triplet models do)")
+            names, source, why = viz.class_names_for(detector.recipe)
+            if detector.class_names and len(detector.class_names) == detector.recipe.model.num_classes:
+                names, source = list(detector.class_names), f"{ckpt} (training set)"
             if source is None:
                 o.err.print(f"note: {why}; classes are labelled by index", markup=False, soft_wrap=True)
             doc.update({"checkpoint": str(ckpt), "recipe": None if recipe is None else str(recipe), "class_names_from": source})
 
         for it in items:
-            entry = _draw_item(it, out, model, names, score_thresh, heat_heads, regions)
+            entry = _draw_item(it, out, detector, names, score_thresh, heat_heads, regions)
             counts = [_count(len(entry["detections"]), "detection", "s") if "detections" in entry else "",
                       _count(entry["gt"], "ground-truth box", "es") if entry["gt"] is not None else ""]
             o.print(f"{it.path}: {', '.join(c for c in counts if c)} -> {', '.join(entry['files'])}",

@@ -22,6 +22,7 @@ import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 
+from kpnet.config import Recipe
 from kpnet.data.transforms import train_augment
 from kpnet.data.validate import load_coco_checked
 from kpnet.errors import KpnetError
@@ -69,6 +70,33 @@ def load_index(ann_file: str | Path, image_root: str | Path) -> CocoIndex:
     image_ids = [img["id"] for img in dataset["images"]]
     cat_ids = sorted(c["id"] for c in dataset["categories"])
     return CocoIndex(ann_file, image_root, coco, image_ids, cat_ids, dropped)
+
+
+SPLITS = ("train", "val")
+
+
+def split_paths(recipe: Recipe, split: str) -> tuple[Path, Path]:
+    """Annotation file and image folder of a split ("train" or "val"), under `data.root`."""
+    d = recipe.data
+    root = Path(d.root)
+    if split == "train":
+        return root / d.train_ann, root / d.train_images
+    if split == "val":
+        return root / d.val_ann, root / d.val_images
+    raise KpnetError("--split", f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+
+
+def load_split(recipe: Recipe, split: str) -> CocoIndex:
+    """The recipe's validated `split`, whose category count must equal `model.num_classes`."""
+    ann_file, image_root = split_paths(recipe, split)
+    index = load_index(ann_file, image_root)
+    if len(index.cat_ids) != recipe.model.num_classes:
+        raise KpnetError(
+            ann_file,
+            f"has {len(index.cat_ids)} categories but the recipe sets model.num_classes={recipe.model.num_classes} "
+            f"(use --set model.num_classes={len(index.cat_ids)})",
+        )
+    return index
 
 
 def read_image(path: Path) -> np.ndarray:

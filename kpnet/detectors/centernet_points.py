@@ -7,24 +7,25 @@ and the flip rule (heatmaps and sizes averaged, offsets from the original only; 
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kpnet.detectors.heads import HEAT_BIAS, kp_head
+from kpnet.config import ModelConfig, Recipe
+from kpnet.detectors.base import Detections, Detector, ScaleOutput, TargetRenderer
+from kpnet.layers import HEAT_BIAS, kp_head
 from kpnet.losses import focal_loss, heat_sigmoid, reg_l1_loss
 from kpnet.ops import heatmap_peaks
 from kpnet.targets import center_targets, dense_from_centers
-
-HEADS = ("hm", "wh", "reg")
-LOSS_WEIGHTS = ("hm_weight", "wh_weight", "off_weight")  # LossConfig fields passed to `loss`
-DETECT_PARAMS = ("k",)  # TestConfig fields passed to `detect`
 
 
 class CenterNetPoints(nn.Module):
     """Backbone + per-stack heads hm (C), wh (2), reg (2); raw logits out, one dict per stack."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head_conv: int = 64) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, head_conv: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
@@ -43,35 +44,6 @@ class CenterNetPoints(nn.Module):
         ]
 
 
-def encode(
-    boxes: np.ndarray,
-    classes: np.ndarray,
-    num_classes: int,
-    out_hw: tuple[int, int],
-    max_objs: int,
-    radius_mode: str,
-    min_overlap: float,
-) -> dict[str, np.ndarray]:
-    """Targets for one image from boxes in output-grid units (objects as points eq. 1-3)."""
-    return center_targets(boxes, classes, num_classes, out_hw, max_objs, radius_mode, min_overlap)
-
-
-def loss(
-    outputs: list[dict[str, Tensor]],
-    targets: dict[str, Tensor],
-    hm_weight: float = 1.0,
-    wh_weight: float = 0.1,
-    off_weight: float = 1.0,
-) -> dict[str, Tensor]:
-    """L = L_k + λsize·L_size + λoff·L_off (objects as points eq. 4), each term averaged over stacks."""
-    n = len(outputs)
-    hm = sum(focal_loss(heat_sigmoid(o["hm"]), targets["hm"]) for o in outputs) / n
-    wh = sum(reg_l1_loss(o["wh"], targets["ind"], targets["reg_mask"], targets["wh"]) for o in outputs) / n
-    off = sum(reg_l1_loss(o["reg"], targets["ind"], targets["reg_mask"], targets["reg"]) for o in outputs) / n
-    total = hm_weight * hm + wh_weight * wh + off_weight * off
-    return {"loss": total, "hm_loss": hm, "wh_loss": wh, "off_loss": off}
-
-
 def merge_flip(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     """Average hm and wh of a [image, flipped image] batch; reg from the original (REFERENCE §4.6)."""
     hm = outputs["hm"].sigmoid()
@@ -80,46 +52,78 @@ def merge_flip(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
     return {"hm": hm, "wh": wh, "reg": outputs["reg"][0:1]}
 
 
-def decode(hm: Tensor, wh: Tensor, reg: Tensor, k: int = 100) -> Tensor:
-    """Peaks -> boxes (B, K, 6): x1, y1, x2, y2, score, class in output-grid units (REFERENCE §4.3).
+def decode_points(hm: Tensor, wh: Tensor, reg: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Peaks -> boxes (B, K, 4) in output-grid units, scores (B, K), classes (B, K) (REFERENCE §4.3).
 
     `hm` holds probabilities; a box is (cx + ox ± w/2, cy + oy ± h/2) at each of the top-K peaks.
     """
     scores, classes, ys, xs = heatmap_peaks(hm, k)
-    b, kk = scores.shape
-    width = hm.shape[-1]
-    ind = ys * width + xs
-    flat_wh = wh.reshape(b, 2, -1)
-    flat_reg = reg.reshape(b, 2, -1)
+    b = scores.shape[0]
+    ind = ys * hm.shape[-1] + xs
     idx = ind.unsqueeze(1).expand(-1, 2, -1)
-    size = flat_wh.gather(2, idx)
-    off = flat_reg.gather(2, idx)
+    size = wh.reshape(b, 2, -1).gather(2, idx)
+    off = reg.reshape(b, 2, -1).gather(2, idx)
     cx = xs.float() + off[:, 0]
     cy = ys.float() + off[:, 1]
     half_w, half_h = size[:, 0] / 2, size[:, 1] / 2
-    return torch.stack(
-        [cx - half_w, cy - half_h, cx + half_w, cy + half_h, scores, classes.float()], dim=-1
-    ).reshape(b, kk, 6)
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), scores, classes
 
 
-def detect(outputs: dict[str, Tensor], flip: bool, k: int) -> Tensor:
-    """Decode one image's outputs (a batch of 1, or 2 with its flip) into (K, 6) output-grid boxes."""
-    if flip:
-        merged = merge_flip(outputs)
-    else:
-        merged = {"hm": outputs["hm"].sigmoid(), "wh": outputs["wh"], "reg": outputs["reg"]}
-    return decode(merged["hm"], merged["wh"], merged["reg"], k)[0]
+@dataclass(frozen=True)
+class PointsDecoding:
+    """Objects-as-points decode settings (REFERENCE §4.3): the top-K centre peaks."""
+
+    k: int
 
 
-def gt_heads(
-    boxes: np.ndarray, classes: np.ndarray, num_classes: int, out_hw: tuple[int, int], radius_mode: str, min_overlap: float
-) -> dict[str, Tensor]:
-    """Ground truth shaped as network outputs for a batch of one (objects as points Table 7 oracle).
+class CenterNetPointsDetector(Detector):
+    """Objects as points: a box per centre peak, sized by `wh` and shifted by `reg`."""
 
-    hm is the rendered heatmap as logits; wh and reg are filled outward from each centre so that
-    a peak anywhere reads a ground-truth value (XZ `gen_oracle_map`, REFERENCE §6).
-    """
-    t = center_targets(boxes, classes, num_classes, out_hw, max(len(boxes), 1), radius_mode, min_overlap)
-    hm = torch.logit(torch.from_numpy(t["hm"]).clamp(1e-6, 1 - 1e-6))
-    dense = {k: torch.from_numpy(dense_from_centers(t[k], t["ind"], t["reg_mask"], out_hw)) for k in ("wh", "reg")}
-    return {"hm": hm[None], "wh": dense["wh"][None], "reg": dense["reg"][None]}
+    heads = ("hm", "wh", "reg")
+    heat_heads = ("hm",)
+    error_rows = (  # objects as points Table 7
+        (("wh",), "w/ gt size"),
+        (("hm",), "w/ gt heatmap"),
+        (("hm", "wh"), "w/ gt heatmap+size"),
+        (("hm", "wh", "reg"), "w/ gt hm.+size+offset"),
+    )
+
+    def __init__(self, recipe: Recipe, network: nn.Module | None = None) -> None:
+        super().__init__(recipe, network)
+        self.decoding = PointsDecoding(k=recipe.test.k)
+
+    @staticmethod
+    def build_network(backbone: nn.Module, model: ModelConfig) -> nn.Module:
+        return CenterNetPoints(backbone, model.num_classes, model.head_conv)
+
+    def target_renderer(self) -> TargetRenderer:
+        t = self.recipe.targets
+        return functools.partial(center_targets, num_classes=self.recipe.model.num_classes, max_objs=t.max_objs,
+                                 radius_mode=t.radius_mode, min_overlap=t.min_overlap)
+
+    def loss(self, outputs: list[dict[str, Tensor]], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """L = L_k + λsize·L_size + λoff·L_off (objects as points eq. 4), each term averaged over stacks."""
+        w = self.recipe.loss
+        n = len(outputs)
+        hm = sum(focal_loss(heat_sigmoid(o["hm"]), targets["hm"]) for o in outputs) / n
+        wh = sum(reg_l1_loss(o["wh"], targets["ind"], targets["reg_mask"], targets["wh"]) for o in outputs) / n
+        off = sum(reg_l1_loss(o["reg"], targets["ind"], targets["reg_mask"], targets["reg"]) for o in outputs) / n
+        total = w.hm_weight * hm + w.wh_weight * wh + w.off_weight * off
+        return {"loss": total, "hm_loss": hm, "wh_loss": wh, "off_loss": off}
+
+    def decode(self, outputs: dict[str, Tensor], flip: bool) -> ScaleOutput:
+        """The top-K boxes of one image; under flip the heads are averaged first (REFERENCE §4.6)."""
+        merged = merge_flip(outputs) if flip else {"hm": outputs["hm"].sigmoid(), "wh": outputs["wh"], "reg": outputs["reg"]}
+        boxes, scores, classes = decode_points(merged["hm"], merged["wh"], merged["reg"], self.decoding.k)
+        return ScaleOutput(Detections(boxes[0], scores[0], classes[0]))
+
+    def gt_heads(self, boxes: np.ndarray, classes: np.ndarray, out_hw: tuple[int, int]) -> dict[str, Tensor]:
+        """hm is the rendered heatmap as logits; wh and reg are filled outward from each centre so that a peak
+        anywhere reads a ground-truth value (XZ `gen_oracle_map`, objects as points Table 7, REFERENCE §6)."""
+        t = self.recipe.targets
+        rendered = center_targets(boxes, classes, self.recipe.model.num_classes, out_hw, max(len(boxes), 1),
+                                  t.radius_mode, t.min_overlap)
+        hm = torch.logit(torch.from_numpy(rendered["hm"]).clamp(1e-6, 1 - 1e-6))
+        dense = {k: torch.from_numpy(dense_from_centers(rendered[k], rendered["ind"], rendered["reg_mask"], out_hw))
+                 for k in ("wh", "reg")}
+        return {"hm": hm[None], "wh": dense["wh"][None], "reg": dense["reg"][None]}

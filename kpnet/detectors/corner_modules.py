@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kpnet.backbones.hourglass import convolution
+from kpnet.layers import convolution
 from kpnet.ops import corner_pool, line_max
 
 TOP_LEFT = ("top", "left")

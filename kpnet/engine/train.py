@@ -23,12 +23,13 @@ import torch
 from torch import Tensor, nn
 
 from kpnet.config import Recipe
-from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_index
+from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
 from kpnet.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
 from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
 from kpnet.io import atomic_savefig, atomic_write_text
-from kpnet.models import build_model, family_of
+from kpnet.detectors.base import TargetRenderer
+from kpnet.models import build_detector
 from kpnet.targets import output_size
 
 
@@ -52,25 +53,6 @@ def mixed_precision(amp: bool, device: str) -> tuple[bool, torch.dtype]:
         return amp, torch.float16
     native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return amp and native_bf16, torch.bfloat16
-
-
-def data_paths(recipe: Recipe, split: str) -> tuple[Path, Path]:
-    """Annotation file and image folder of a split ("train" or "val"), under data.root."""
-    root = Path(recipe.data.root)
-    if split == "train":
-        return root / recipe.data.train_ann, root / recipe.data.train_images
-    if split == "val":
-        return root / recipe.data.val_ann, root / recipe.data.val_images
-    raise KpnetError("--split", f"unknown split {split!r}; use train or val")
-
-
-def check_classes(index_classes: int, recipe: Recipe, ann_file: Path) -> None:
-    if index_classes != recipe.model.num_classes:
-        raise KpnetError(
-            ann_file,
-            f"has {index_classes} categories but the recipe sets model.num_classes={recipe.model.num_classes} "
-            f"(use --set model.num_classes={index_classes})",
-        )
 
 
 def chunked_loss(
@@ -100,18 +82,16 @@ def train(
     tr = recipe.train
     if device == "cuda" and not torch.cuda.is_available():
         raise KpnetError("--device", "cuda requested but no CUDA device is available")
-    family = family_of(recipe)
-    ann_file, image_root = data_paths(recipe, "train")
-    index = load_index(ann_file, image_root)
-    check_classes(len(index.cat_ids), recipe, ann_file)
+    index = load_split(recipe, "train")
 
     torch.manual_seed(tr.seed)
     memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
-    model = build_model(recipe).to(device, memory_format=memory_format)
+    detector = build_detector(recipe)
+    model = detector.network.to(device, memory_format=memory_format)
     optimizer = torch.optim.Adam(model.parameters(), lr=tr.lr)
     per_epoch = len(index.image_ids) // tr.batch_size
     if per_epoch == 0:
-        raise KpnetError(ann_file, f"{len(index.image_ids)} images are fewer than train.batch_size={tr.batch_size}")
+        raise KpnetError(index.ann_file, f"{len(index.image_ids)} images are fewer than train.batch_size={tr.batch_size}")
     total = tr.epochs * per_epoch
     steps = [s * per_epoch for s in tr.lr_steps]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=tr.warmup_iters, steps=steps))
@@ -131,11 +111,7 @@ def train(
     atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     out_h = out_w = output_size(tr.input_size)
-    t = recipe.targets
-    encode = functools.partial(
-        _encode_input_boxes, family.encode, out_h / tr.input_size, recipe.model.num_classes, (out_h, out_w),
-        t.max_objs, t.radius_mode, t.min_overlap,
-    )
+    encode = functools.partial(encode_input_boxes, detector.target_renderer(), out_h / tr.input_size, (out_h, out_w))
     a = recipe.augment
     dataset = TrainDataset(
         index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop
@@ -149,7 +125,7 @@ def train(
     use_amp, amp_dtype = mixed_precision(tr.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
 
-    loss_fn = functools.partial(family.loss, **{k: getattr(recipe.loss, k) for k in family.LOSS_WEIGHTS})
+    loss_fn = detector.loss
 
     def state(iteration: int) -> dict[str, Any]:
         return {
@@ -213,10 +189,9 @@ def train(
     }
 
 
-def _encode_input_boxes(encode: Callable[..., dict[str, Any]], ratio: float, num_classes: int, out_hw: tuple[int, int],
-                        max_objs: int, radius_mode: str, min_overlap: float, boxes: Any, classes: Any) -> dict[str, Any]:
+def encode_input_boxes(render: TargetRenderer, ratio: float, out_hw: tuple[int, int], boxes: Any, classes: Any) -> dict[str, Any]:
     """Map augmented input-pixel boxes onto the output grid (× out/inp) and render the family's targets."""
-    return encode(boxes * ratio, classes, num_classes, out_hw, max_objs, radius_mode, min_overlap)
+    return render(boxes * ratio, classes, out_hw=out_hw)
 
 
 def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
