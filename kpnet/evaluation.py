@@ -1,5 +1,5 @@
-"""COCO bbox scoring, the one place it lives: loading ground truth and results with errors that
-name the culprit, the 12 COCO stats (pycocotools or faster-coco-eval, identical numbers), the
+"""COCO bbox scoring, the one place it lives: loading results with errors that name the culprit (ground
+truth comes through `kpnet.data.validate.load_gt`), the 12 COCO stats (pycocotools or faster-coco-eval, identical numbers), the
 triplet paper's false-discovery rates (Tables 1 and 3) and precision-recall plots.
 
 Both backends' COCOeval is used as is: its matching (crowd regions, area ranges, ignored
@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
-import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +18,7 @@ from typing import Any, Literal
 import numpy as np
 from pycocotools.coco import COCO
 
+from kpnet.data.validate import coco_index, is_int, is_number
 from kpnet.errors import KpnetError
 
 Backend = Literal["auto", "pycocotools", "faster"]
@@ -31,8 +30,6 @@ FD_KEYS: tuple[str, ...] = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
 # Triplet paper (CenterNet: Keypoint Triplets) Tables 1/3: IoU 0.05:0.05:0.50, maxDets 100.
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
 AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")  # COCOeval's areaRng order
-
-_FIX_HINT = "run `kpnet prepare-data coco --ann FILE --images DIR --fix OUT` to renumber the ids"
 
 
 def _quiet(fn: Any, *args: Any) -> Any:
@@ -57,80 +54,11 @@ def read_json(path: str | Path) -> Any:
         raise KpnetError(path, "not a UTF-8 text file") from None
 
 
-def _is_number(v: Any) -> bool:
-    """A finite real number (numpy scalars included), not a bool."""
-    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
-
-
-def _is_int(v: Any) -> bool:
-    """An integer (numpy scalars included), not a bool."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
-
-
 def _check_box(source: str | Path, where: str, bbox: Any) -> None:
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(is_number(v) for v in bbox)):
         raise KpnetError(source, f"{where}: 'bbox' must be [x, y, w, h] of 4 finite numbers, got {bbox!r}")
     if bbox[2] < 0 or bbox[3] < 0:
         raise KpnetError(source, f"{where}: 'bbox' {bbox!r} has a negative width or height")
-
-
-def validate_gt_dataset(data: Any, source: str | Path) -> None:
-    """Check a COCO ground-truth dict has what COCOeval needs; raise KpnetError naming the culprit."""
-    if not isinstance(data, dict):
-        raise KpnetError(source, f"expected a COCO object with 'images', 'annotations', 'categories', "
-                                 f"got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
-            raise KpnetError(source, f"missing or non-list '{key}'")
-    image_ids: set[int] = set()
-    for i, img in enumerate(data["images"]):
-        if not isinstance(img, dict) or not _is_int(img.get("id")):
-            raise KpnetError(source, f"images[{i}]: missing integer 'id'")
-        image_ids.add(img["id"])
-    cat_ids: set[int] = set()
-    for i, cat in enumerate(data["categories"]):
-        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
-            raise KpnetError(source, f"categories[{i}]: missing integer 'id'")
-        cat_ids.add(cat["id"])
-    ann_ids: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
-        where = f"annotations[{i}]"
-        if not isinstance(ann, dict):
-            raise KpnetError(source, f"{where}: expected an object, got {type(ann).__name__}")
-        for key in ("id", "image_id", "category_id"):
-            if not _is_int(ann.get(key)):
-                raise KpnetError(source, f"{where}: missing integer '{key}'")
-        where = f"annotation id {ann['id']}"
-        if ann["id"] == 0:
-            raise KpnetError(source, f"{where}: COCOeval uses id 0 to mean 'unmatched', so this object "
-                                     f"can never be matched; {_FIX_HINT}")
-        if ann["id"] in ann_ids:
-            raise KpnetError(source, f"{where}: duplicate annotation id (COCOeval would score one object "
-                                     f"twice); {_FIX_HINT}")
-        ann_ids.add(ann["id"])
-        if ann["image_id"] not in image_ids:
-            raise KpnetError(source, f"{where}: image_id {ann['image_id']} is not in 'images'")
-        if ann["category_id"] not in cat_ids:
-            raise KpnetError(source, f"{where}: category_id {ann['category_id']} is not in 'categories'")
-        _check_box(source, where, ann.get("bbox"))
-        if not _is_number(ann.get("area")):
-            raise KpnetError(source, f"{where}: missing numeric 'area'")
-        if "iscrowd" not in ann or ann["iscrowd"] not in (0, 1):
-            raise KpnetError(source, f"{where}: 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
-
-
-def _coco_from_dict(data: dict[str, Any]) -> COCO:
-    coco = COCO()
-    coco.dataset = data
-    _quiet(coco.createIndex)
-    return coco
-
-
-def load_gt(path: str | Path) -> COCO:
-    """Load COCO ground truth quietly, rejecting what COCOeval would silently mis-score (id 0, duplicates)."""
-    data = read_json(path)
-    validate_gt_dataset(data, path)
-    return _coco_from_dict(data)
 
 
 def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
@@ -152,9 +80,9 @@ def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str
         if not isinstance(d, dict):
             raise KpnetError(source, f"{where}: expected an object, got {type(d).__name__}")
         for key in ("image_id", "category_id"):
-            if not _is_int(d.get(key)):
+            if not is_int(d.get(key)):
                 raise KpnetError(source, f"{where}: missing integer '{key}'")
-        if not _is_number(d.get("score")):
+        if not is_number(d.get("score")):
             raise KpnetError(source, f"{where}: missing finite numeric 'score'")
         _check_box(source, where, d.get("bbox"))
         if d["image_id"] not in image_ids:
@@ -165,7 +93,7 @@ def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str
         annotations.append({"id": i + 1, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
                             "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
                             "score": float(d["score"]), "iscrowd": 0})
-    return _coco_from_dict({"images": list(gt.dataset["images"]),
+    return coco_index({"images": list(gt.dataset["images"]),
                             "categories": list(gt.dataset["categories"]),
                             "annotations": annotations})
 

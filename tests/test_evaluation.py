@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kpnet import evaluation
+from kpnet.data.validate import load_gt
 from kpnet.errors import KpnetError
 
 DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
@@ -26,7 +27,7 @@ FD_EXPECTED = {"FD": 0.300244, "FD5": 0.299638, "FD25": 0.299638, "FD50": 0.3030
 
 @pytest.fixture(scope="module")
 def coco():
-    gt = evaluation.load_gt(GT)
+    gt = load_gt(GT)
     return gt, evaluation.load_dets(DETS, gt)
 
 
@@ -124,25 +125,36 @@ def _error(fn, *args) -> str:
 
 
 def test_load_gt_errors(tmp_path):
-    line = _error(evaluation.load_gt, _write(tmp_path, "bad.json", '{"images": ['))
+    line = _error(load_gt, _write(tmp_path, "bad.json", '{"images": ['))
     assert line.startswith(str(tmp_path / "bad.json")) and "malformed JSON" in line
-    assert "no such file" in _error(evaluation.load_gt, tmp_path / "missing.json")
+    assert "no such annotation file" in _error(load_gt, tmp_path / "missing.json")
     d = _gt_dict()
     del d["categories"]
-    assert "'categories'" in _error(evaluation.load_gt, _write(tmp_path, "nocat.json", d))
+    assert "'categories'" in _error(load_gt, _write(tmp_path, "nocat.json", d))
     d = _gt_dict()
     del d["annotations"][3]["bbox"]
-    assert f"annotation id {d['annotations'][3]['id']}: 'bbox'" in _error(
-        evaluation.load_gt, _write(tmp_path, "nobox.json", d))
+    assert f"annotation id {d['annotations'][3]['id']} has no 'bbox'" in _error(
+        load_gt, _write(tmp_path, "nobox.json", d))
     d = _gt_dict()
     d["annotations"][5]["id"] = d["annotations"][4]["id"]
-    assert "duplicate annotation id" in _error(evaluation.load_gt, _write(tmp_path, "dup.json", d))
+    assert f"annotation id {d['annotations'][4]['id']} appears more than once" in _error(
+        load_gt, _write(tmp_path, "dup.json", d))
+
+
+def test_load_gt_fills_the_iscrowd_default(tmp_path):
+    """COCO's iscrowd defaults to 0; COCOeval reads it, so a file without it still scores."""
+    d = _gt_dict()
+    for ann in d["annotations"]:
+        ann.pop("iscrowd", None)
+    gt = load_gt(_write(tmp_path, "nocrowd.json", d))
+    stats = evaluation.bbox_stats(gt, evaluation.load_dets(DETS, gt))
+    assert 0 < stats["AP"] < 1
 
 
 def test_load_gt_rejects_id_zero():
     """bccd (a Roboflow export) starts its annotation ids at 0, which COCOeval can never match."""
     path = DATA / "bccd" / "train" / "_annotations.coco.json"
-    line = _error(evaluation.load_gt, path)
+    line = _error(load_gt, path)
     assert line.startswith(str(path)) and "annotation id 0" in line and "--fix" in line
 
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from kpnet.analysis.fd import fd_deltas
 from kpnet.cli import app
-from kpnet.evaluation import FD_KEYS, fd_rates, load_dets, load_gt
+from kpnet.data.validate import load_gt
+from kpnet.evaluation import FD_KEYS, fd_rates, load_dets
 
 DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
 GT = DATA / "val2014_100" / "instances_val2014_100.json"

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from kpnet.errors import KpnetError
-from kpnet.evaluation import read_json
+from kpnet.data.validate import BOX_STATISTICS_KEYS, load_coco_checked
 
 SIZE_LABELS: tuple[str, ...] = ("small", "medium", "large")
 SMALL_AREA, MEDIUM_AREA = 32.0**2, 96.0**2
@@ -49,74 +49,31 @@ class BoxSet:
     image_height: np.ndarray  # int64 [num_images]
 
 
-def _culprit(source: str, images: list[Any], anns: list[Any]) -> KpnetError:
-    """Find the first bad image or annotation entry (slow path, only after the fast path failed)."""
-    ids = set()
-    for i, img in enumerate(images):
-        if not isinstance(img, dict):
-            return KpnetError(source, f"images[{i}]: expected an object")
-        for key in ("id", "width", "height"):
-            v = img.get(key)
-            if not isinstance(v, int) or isinstance(v, bool) or (key != "id" and v <= 0):
-                return KpnetError(source, f"images[{i}]: '{key}' must be a {'positive ' if key != 'id' else ''}"
-                                          f"integer, got {v!r}")
-        ids.add(img["id"])
-    for i, ann in enumerate(anns):
-        where = f"annotations[{i}]"
-        if not isinstance(ann, dict):
-            return KpnetError(source, f"{where}: expected an object")
-        for key in ("image_id", "category_id"):
-            v = ann.get(key)
-            if not isinstance(v, int) or isinstance(v, bool):
-                return KpnetError(source, f"{where}: missing integer '{key}'")
-        if ann["image_id"] not in ids:
-            return KpnetError(source, f"{where}: image_id {ann['image_id']} is not in 'images'")
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                        for v in bbox)):
-            return KpnetError(source, f"{where}: 'bbox' must be [x, y, w, h] of 4 finite numbers, got {bbox!r}")
-        if bbox[2] < 0 or bbox[3] < 0:
-            return KpnetError(source, f"{where}: 'bbox' {bbox!r} has a negative width or height")
-        area = ann.get("area", 0.0)
-        if not isinstance(area, (int, float)) or isinstance(area, bool) or not math.isfinite(area):
-            return KpnetError(source, f"{where}: 'area' must be a finite number, got {area!r}")
-        if ann.get("iscrowd", 0) not in (0, 1):
-            return KpnetError(source, f"{where}: 'iscrowd' must be 0 or 1, got {ann.get('iscrowd')!r}")
-    return KpnetError(source, "malformed COCO annotation file")
-
-
 def load_boxes(path: str | Path) -> BoxSet:
-    """Read a COCO annotation file into a BoxSet; KpnetError naming the file and entry when malformed."""
+    """Read a COCO annotation file into a BoxSet; KpnetError naming the file and entry when malformed.
+
+    Checked by `kpnet.data.validate` with the keys box statistics need (no file names, areas or categories
+    required; annotation ids are not used, so id 0 and repeated ids pass); a negative box size is an error.
+    """
     source = str(path)
-    data = read_json(path)
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
-            or not isinstance(data.get("annotations"), list):
-        raise KpnetError(source, "expected a COCO object with 'images' and 'annotations' lists")
+    data = load_coco_checked(path, None, required=BOX_STATISTICS_KEYS,
+                             tolerate=frozenset({"annotation_id_zero", "duplicate_annotation_id"}))
     images, anns = data["images"], data["annotations"]
     n = len(anns)
-    try:
-        img_ids = np.array([img["id"] for img in images], dtype=np.int64)
-        width = np.array([img["width"] for img in images], dtype=np.int64)
-        height = np.array([img["height"] for img in images], dtype=np.int64)
-        ann_image = np.fromiter((a["image_id"] for a in anns), dtype=np.int64, count=n)
-        category = np.fromiter((a["category_id"] for a in anns), dtype=np.int64, count=n)
-        boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(n, 4)
-        area = np.fromiter((a.get("area", math.nan) for a in anns), dtype=np.float64, count=n)
-        iscrowd = np.fromiter((a.get("iscrowd", 0) for a in anns), dtype=np.int64, count=n)
-    except (KeyError, TypeError, ValueError, OverflowError):
-        raise _culprit(source, images, anns) from None
+    img_ids = np.array([img["id"] for img in images], dtype=np.int64)
+    width = np.array([img["width"] for img in images], dtype=np.int64)
+    height = np.array([img["height"] for img in images], dtype=np.int64)
+    ann_image = np.fromiter((a["image_id"] for a in anns), dtype=np.int64, count=n)
+    category = np.fromiter((a["category_id"] for a in anns), dtype=np.int64, count=n)
+    boxes = np.array([a["bbox"] for a in anns], dtype=np.float64).reshape(n, 4)
+    area = np.fromiter((a.get("area", math.nan) for a in anns), dtype=np.float64, count=n)
+    iscrowd = np.fromiter((a["iscrowd"] for a in anns), dtype=np.int64, count=n)
+    negative = np.flatnonzero((boxes[:, 2:] < 0).any(axis=1))
+    if len(negative):
+        i = int(negative[0])
+        raise KpnetError(source, f"annotations[{i}]: 'bbox' {anns[i]['bbox']!r} has a negative width or height")
     order = np.argsort(img_ids, kind="stable")
-    slot = np.clip(np.searchsorted(img_ids, ann_image, sorter=order), 0, max(len(order) - 1, 0))
-    image_index = order[slot] if len(order) else np.zeros(n, dtype=np.int64)
-    if (len(images) and (np.any(width <= 0) or np.any(height <= 0))) \
-            or not np.all(np.isfinite(boxes)) or np.any(boxes[:, 2:] < 0) \
-            or (n > 0 and (len(images) == 0 or np.any(img_ids[image_index] != ann_image))) \
-            or np.any(~np.isin(iscrowd, (0, 1))) or np.any(np.isinf(area)):
-        raise _culprit(source, images, anns)
-    if len(np.unique(img_ids)) != len(img_ids):
-        dup = img_ids[order][np.flatnonzero(np.diff(img_ids[order]) == 0)[0]]
-        raise KpnetError(source, f"duplicate image id {int(dup)} in 'images'")
+    image_index = order[np.searchsorted(img_ids, ann_image, sorter=order)] if n else np.zeros(0, dtype=np.int64)
     area = np.where(np.isnan(area), boxes[:, 2] * boxes[:, 3], area)
     return BoxSet(source, len(images), image_index.astype(np.int64), category, boxes, area,
                   iscrowd.astype(bool), width, height)

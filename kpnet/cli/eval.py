@@ -62,6 +62,7 @@ def eval_command(
 
     def body(o: Output) -> dict[str, Any]:
         from kpnet import evaluation
+        from kpnet.data.validate import load_gt
         from kpnet.errors import KpnetError
         from kpnet.io import atomic_write_json
 
@@ -71,7 +72,7 @@ def eval_command(
                 raise KpnetError("--gt/--dets", "give both --gt ANN and --dets RESULTS to score a results file")
             if recipe is not None or checkpoint is not None:
                 raise KpnetError("--gt/--dets", "scores an existing results file: drop RECIPE and --checkpoint")
-            coco_gt = evaluation.load_gt(gt)
+            coco_gt = load_gt(gt)
             coco_dt = evaluation.load_dets(dets, coco_gt)
             doc.update({"gt": str(gt), "dets": str(dets)})
             results_path = None

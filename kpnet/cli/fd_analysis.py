@@ -50,7 +50,8 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         def body(out: Output) -> dict[str, Any]:
             from kpnet.analysis.fd import fd_deltas, plot_fd_bars
-            from kpnet.evaluation import FD_KEYS, fd_rates, load_dets, load_gt
+            from kpnet.data.validate import load_gt
+            from kpnet.evaluation import FD_KEYS, fd_rates, load_dets
 
             labels = _names(names, results)
             truth = load_gt(gt)

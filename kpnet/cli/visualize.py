@@ -80,7 +80,7 @@ def _image_items(o: Output, images: list[Path], gt: Path | None) -> list[Item]:
         raise KpnetError(missing, "image file not found")
     if gt is None:
         return [Item(p, None, None, []) for p in images]
-    from kpnet.evaluation import load_gt
+    from kpnet.data.validate import load_gt
 
     coco = load_gt(gt)
     by_name = {Path(img["file_name"]).name: img["id"] for img in coco.dataset["images"]}

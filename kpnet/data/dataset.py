@@ -9,8 +9,6 @@ clipped after augmentation, where the targets are rendered.
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 
 from kpnet.config import Recipe
 from kpnet.data.transforms import train_augment
-from kpnet.data.validate import load_coco_checked
+from kpnet.data.validate import coco_index, load_coco_checked
 from kpnet.errors import KpnetError
 
 
@@ -62,10 +60,7 @@ def load_index(ann_file: str | Path, image_root: str | Path) -> CocoIndex:
     """Validate and index a COCO annotation file whose images live under `image_root`."""
     ann_file, image_root = Path(ann_file), Path(image_root)
     dataset = load_coco_checked(ann_file, image_root)
-    coco = COCO()
-    coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
+    coco = coco_index(dataset)
     dropped = sum(1 for a in dataset["annotations"] if a["bbox"][2] <= 0 or a["bbox"][3] <= 0)
     image_ids = [img["id"] for img in dataset["images"]]
     cat_ids = sorted(c["id"] for c in dataset["categories"])

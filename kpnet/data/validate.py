@@ -1,10 +1,10 @@
 """Validating and repairing COCO detection files before they reach training or evaluation.
 
-`validate_coco` reports everything it finds; `fix_coco` writes a cleaned copy and lists every
-change; `load_coco_checked` is the loader the dataset and `kpnet eval --gt` use: it raises a
-`KpnetError` naming the file and the first culprit for what would break training or evaluation,
-and tolerates degenerate and out-of-image boxes (the dataset clips them and drops what is left
-empty, as the reference code does).
+The one home of COCO annotation checking. `validate_coco` reports everything it finds; `fix_coco`
+writes a cleaned copy and lists every change; `load_coco_checked` is the loader training, `kpnet eval`
+(`load_gt` for `--gt`), `viz --gt` and `collision-stats` use: it raises a `KpnetError` naming the file
+and the first culprit for what would break them, and tolerates degenerate and out-of-image boxes (the
+dataset clips them and drops what is left empty, as the reference code does).
 
 Why annotation id 0 is an error: pycocotools' COCOeval records a match by storing the matched
 ground-truth id, with 0 meaning "unmatched", so a ground-truth box with id 0 can never be
@@ -19,16 +19,29 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+import contextlib
+import io
+import numbers
+from collections.abc import Mapping
 from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
 
 from kpnet.errors import KpnetError
 from kpnet.io import atomic_write_json
 
 SECTIONS = ("images", "annotations", "categories")
-REQUIRED_KEYS = {
+REQUIRED_KEYS: Mapping[str, tuple[str, ...]] = {  # training and evaluation (COCOeval needs `area`)
     "images": ("id", "file_name", "width", "height"),
     "annotations": ("id", "image_id", "category_id", "bbox", "area"),
     "categories": ("id", "name"),
+}
+# Statistics of the boxes alone (collision-stats): image sizes, image links and boxes; no file names,
+# areas, annotation ids or categories needed (a present value is still checked).
+BOX_STATISTICS_KEYS: Mapping[str, tuple[str, ...]] = {
+    "images": ("id", "width", "height"),
+    "annotations": ("image_id", "category_id", "bbox"),
 }
 # Problems that break training or evaluation: `load_coco_checked` raises on these.
 FATAL_KINDS = frozenset({
@@ -111,12 +124,14 @@ class FixResult:
                 "changes": [c.to_dict() for c in self.changes], "after": self.after.to_dict()}
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+def is_int(v: Any) -> bool:
+    """An integer (numpy scalars included), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
-def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+def is_number(v: Any) -> bool:
+    """A finite real number (numpy scalars included), not a bool."""
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
 
 
 def _read_json(path: Path) -> tuple[Any, Problem | None]:
@@ -133,12 +148,14 @@ def _read_json(path: Path) -> tuple[Any, Problem | None]:
         return None, Problem("malformed_json", "malformed JSON: nested too deeply")
 
 
-def _structure_problems(doc: Any) -> list[Problem]:
-    """The top level must be an object with `images`, `annotations` and `categories` lists."""
+def _structure_problems(doc: Any, required: Mapping[str, tuple[str, ...]] = REQUIRED_KEYS) -> list[Problem]:
+    """The top level must be an object with `images`, `annotations` and (where required) `categories` lists."""
     if not isinstance(doc, dict):
         return [Problem("malformed_json", f"top level is a JSON {type(doc).__name__}, not an object")]
     out = []
     for key in SECTIONS:
+        if key not in doc and key not in required:
+            continue
         if key not in doc:
             out.append(Problem("missing_key", f"missing required top-level key '{key}'"))
         elif not isinstance(doc[key], list):
@@ -146,39 +163,40 @@ def _structure_problems(doc: Any) -> list[Problem]:
     return out
 
 
-def _record_problem(section: str, index: int, rec: Any) -> Problem | None:
-    """Missing keys or wrongly typed values in one record of `section`."""
+def _record_problem(section: str, index: int, rec: Any,
+                    required: Mapping[str, tuple[str, ...]] = REQUIRED_KEYS) -> Problem | None:
+    """Missing keys or wrongly typed values in one record of `section` (keys not required are checked when present)."""
     what = section[:-1] if section != "categories" else "category"
     if not isinstance(rec, dict):
         return Problem("bad_value", f"{section}[{index}] is not an object")
     rid = rec.get("id")
     name = f"{what} id {rid}" if "id" in rec else f"{section}[{index}]"
-    for key in REQUIRED_KEYS[section]:
+    for key in required.get(section, ()):
         if key not in rec:
             return Problem("missing_key", f"{name} has no '{key}'", rid, rec.get("image_id"))
-    if not _is_int(rid):
+    if "id" in rec and not is_int(rid):
         return Problem("bad_value", f"{section}[{index}] has id {rid!r}, not an integer", rid)
     if section == "images":
-        if not isinstance(rec["file_name"], str) or not rec["file_name"]:
+        if "file_name" in rec and (not isinstance(rec["file_name"], str) or not rec["file_name"]):
             return Problem("bad_value", f"{name} has file_name {rec['file_name']!r}, not a path", rid, rid)
         for key in ("width", "height"):
-            if not _is_int(rec[key]) or rec[key] <= 0:
+            if not is_int(rec[key]) or rec[key] <= 0:
                 return Problem("bad_value", f"{name} has {key} {rec[key]!r}, not a positive integer", rid, rid)
     elif section == "annotations":
         for key in ("image_id", "category_id"):
-            if not _is_int(rec[key]):
+            if not is_int(rec[key]):
                 return Problem("bad_value", f"{name} has {key} {rec[key]!r}, not an integer", rid, rec.get("image_id"))
         box = rec["bbox"]
-        if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        if not (isinstance(box, list) and len(box) == 4 and all(is_number(v) for v in box)):
             return Problem("bad_value", f"{name} (image {rec['image_id']}) has bbox {box!r}, not 4 finite numbers",
                            rid, rec["image_id"])
-        if not _is_number(rec["area"]):
+        if "area" in rec and not is_number(rec["area"]):
             return Problem("bad_value", f"{name} (image {rec['image_id']}) has area {rec['area']!r}, not a number",
                            rid, rec["image_id"])
         if rec.get("iscrowd", 0) not in (0, 1):
             return Problem("bad_value", f"{name} (image {rec['image_id']}) has iscrowd {rec['iscrowd']!r}, not 0 or 1",
                            rid, rec["image_id"])
-    elif not isinstance(rec["name"], str):
+    elif "name" in rec and not isinstance(rec["name"], str):
         return Problem("bad_value", f"{name} has name {rec['name']!r}, not a string", rid)
     return None
 
@@ -225,7 +243,7 @@ def _image_problems(rec: dict[str, Any], root: Path, decode: bool) -> Problem | 
 
 def _box_problem(ann: dict[str, Any], image: dict[str, Any] | None) -> Problem | None:
     x, y, w, h = ann["bbox"]
-    aid, iid = ann["id"], ann["image_id"]
+    aid, iid = ann.get("id"), ann["image_id"]
     if w <= 0 or h <= 0:
         return Problem("degenerate_box", f"annotation id {aid} (image {iid}) has an empty box {ann['bbox']} "
                                          "(width or height <= 0)", aid, iid)
@@ -236,22 +254,27 @@ def _box_problem(ann: dict[str, Any], image: dict[str, Any] | None) -> Problem |
     return None
 
 
-def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str) -> None:
+def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str,
+           required: Mapping[str, tuple[str, ...]] = REQUIRED_KEYS) -> None:
     """Fill `report` with the problems, counts and classes of a parsed COCO document.
     `image_check`: "decode" (open every image), "exists" (file present) or "none"."""
-    structure = _structure_problems(doc)
+    structure = _structure_problems(doc, required)
     report.problems += structure
     if structure:
         report.fixable = False
         return
+    has_categories = "categories" in doc
     valid: dict[str, list[dict[str, Any]]] = {}
     for section in ("categories", "images", "annotations"):
         valid[section] = []
         seen: set[int] = set()
-        for index, rec in enumerate(doc[section]):
-            p = _record_problem(section, index, rec)
+        for index, rec in enumerate(doc.get(section, [])):
+            p = _record_problem(section, index, rec, required)
             if p is not None:
                 report.problems.append(p)
+                continue
+            if "id" not in rec:
+                valid[section].append(rec)
                 continue
             if rec["id"] in seen:
                 what = {"images": "image", "annotations": "annotation", "categories": "category"}[section]
@@ -263,6 +286,8 @@ def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str) 
     images = {im["id"]: im for im in valid["images"]}
     categories = {c["id"]: c for c in valid["categories"]}
     for im in valid["images"]:
+        if "file_name" not in im:
+            continue
         if escapes_root(im["file_name"]):
             report.problems.append(Problem("path_escape", f"image id {im['id']}: file_name {im['file_name']!r} "
                                                           "escapes the image folder", im["id"], im["id"]))
@@ -274,14 +299,14 @@ def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str) 
     images_with_boxes: set[int] = set()
     crowd = 0
     for ann in valid["annotations"]:
-        aid, iid = ann["id"], ann["image_id"]
+        aid, iid = ann.get("id"), ann["image_id"]
         if aid == 0:
             report.problems.append(Problem("annotation_id_zero", f"annotation id 0 (image {iid}): pycocotools "
                                                                  "cannot match a ground-truth id 0", aid, iid))
         if iid not in images:
             report.problems.append(Problem("unknown_image_id", f"annotation id {aid} refers to unknown image id {iid}",
                                            aid, iid))
-        if ann["category_id"] not in categories:
+        if has_categories and ann["category_id"] not in categories:
             report.problems.append(Problem("unknown_category_id", f"annotation id {aid} (image {iid}) refers to "
                                            f"unknown category id {ann['category_id']}", aid, iid))
         p = _box_problem(ann, images.get(iid))
@@ -290,12 +315,12 @@ def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str) 
         boxes_per_class[ann["category_id"]] += 1
         images_with_boxes.add(iid)
         crowd += ann.get("iscrowd", 0) == 1
-    report.classes = [{"id": c["id"], "name": c["name"], "boxes": boxes_per_class[c["id"]]}
+    report.classes = [{"id": c["id"], "name": c.get("name"), "boxes": boxes_per_class[c["id"]]}
                       for c in valid["categories"]]
     report.counts = {
         "images": len(doc["images"]),
         "boxes": len(doc["annotations"]),
-        "classes": len(doc["categories"]),
+        "classes": len(doc.get("categories", [])),
         "classes_with_boxes": sum(1 for c in report.classes if c["boxes"]),
         "crowd": crowd,
         "images_without_boxes": sum(1 for i in images if i not in images_with_boxes),
@@ -328,10 +353,13 @@ def validate_coco(ann_path: str | Path, images_dir: str | Path | None, check_ima
     return report
 
 
-def load_coco_checked(ann_path: str | Path, images_dir: str | Path | None) -> dict[str, Any]:
+def load_coco_checked(ann_path: str | Path, images_dir: str | Path | None, *,
+                      required: Mapping[str, tuple[str, ...]] = REQUIRED_KEYS,
+                      tolerate: frozenset[str] = frozenset()) -> dict[str, Any]:
     """Load a COCO file for training or evaluation, raising `KpnetError` (file + first culprit) on
-    structural problems; degenerate or out-of-image boxes are returned as they are. With
-    `images_dir`, every image file must exist (they are not decoded here)."""
+    structural problems (FATAL_KINDS less `tolerate`); degenerate or out-of-image boxes are returned as
+    they are, and a missing `iscrowd` becomes 0, COCO's default, which COCOeval reads. With `images_dir`,
+    every image file must exist (they are not decoded here)."""
     ann_path = Path(ann_path)
     root = Path(images_dir) if images_dir is not None else None
     if root is not None and not root.is_dir():
@@ -340,13 +368,29 @@ def load_coco_checked(ann_path: str | Path, images_dir: str | Path | None) -> di
     doc, problem = _read_json(ann_path)
     if problem is not None:
         raise KpnetError(ann_path, problem.detail)
-    _check(doc, report, root, "exists")
-    fatal = [p for p in report.problems if p.kind in FATAL_KINDS]
+    _check(doc, report, root, "exists", required)
+    fatal = [p for p in report.problems if p.kind in FATAL_KINDS - tolerate]
     if fatal:
         more = f" ({len(fatal)} such problems)" if len(fatal) > 1 else ""
         raise KpnetError(ann_path, f"{fatal[0].detail}{more}; `kpnet prepare-data coco --ann {ann_path} "
                                    f"--images {root or 'DIR'} --fix OUT` reports them all and repairs what it can")
+    for ann in doc["annotations"]:
+        ann.setdefault("iscrowd", 0)
     return doc
+
+
+def coco_index(doc: dict[str, Any]) -> COCO:
+    """A pycocotools COCO object over an already parsed document, built without its progress printing."""
+    coco = COCO()
+    coco.dataset = doc
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def load_gt(path: str | Path) -> COCO:
+    """Ground truth for scoring (`eval --gt`, `fd-analysis`, `viz --gt`): `load_coco_checked` without images."""
+    return coco_index(load_coco_checked(path, None))
 
 
 def _clip_box(box: list[float], width: int, height: int) -> list[float]:
@@ -360,13 +404,13 @@ def _repair_annotation(index: int, rec: Any, changes: list[Problem]) -> Any:
     if not isinstance(rec, dict):
         return rec
     rec = dict(rec)
-    if not _is_int(rec.get("id")):
+    if not is_int(rec.get("id")):
         changes.append(Problem("assigned_annotation_id", f"annotations[{index}] had id {rec.get('id')!r}; "
                                "it gets a new id", None, rec.get("image_id")))
         rec["id"] = -1 - index
     box = rec.get("bbox")
-    if (not _is_number(rec.get("area")) and isinstance(box, list) and len(box) == 4
-            and all(_is_number(v) for v in box)):
+    if (not is_number(rec.get("area")) and isinstance(box, list) and len(box) == 4
+            and all(is_number(v) for v in box)):
         changes.append(Problem("computed_area", f"annotations[{index}] had area {rec.get('area')!r}; "
                                "set to the box area", rec["id"], rec.get("image_id")))
         rec["area"] = float(box[2]) * float(box[3])
