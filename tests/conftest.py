@@ -1,4 +1,9 @@
-"""Shared fixtures: the real third-party data folder and small generated `shapes` sets."""
+"""Shared fixtures: the real third-party data folder and small generated `shapes` sets.
+
+The third-party data (`../shared/data` beside the repository, or `$KPNET_TEST_DATA`) is not part of
+the repository: tests that read it (the `data_dir` fixture, or the `shared_data` mark) skip, naming the
+folder, when it is absent — except under CI (`CI` set), where its absence fails them.
+"""
 
 from __future__ import annotations
 
@@ -15,15 +20,33 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def shared_data_dir() -> Path:
+    """Where the third-party test data is expected (it may be absent)."""
     return Path(os.environ.get("KPNET_TEST_DATA", REPO / ".." / "shared" / "data")).resolve()
+
+
+def require_shared_data() -> Path:
+    """The third-party data folder; skip the test when it is absent, or fail under CI."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        message = f"third-party test data not found at {path}: put shared/ beside the repo or set KPNET_TEST_DATA"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shared_data: reads the third-party data in ../shared/data ($KPNET_TEST_DATA)")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("shared_data") is not None:
+        require_shared_data()
 
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    path = shared_data_dir()
-    if not path.is_dir():
-        pytest.fail(f"test data not found at {path}: put shared/ beside the repo or set KPNET_TEST_DATA")
-    return path
+    return require_shared_data()
 
 
 @pytest.fixture(scope="session")

@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import shared_data_dir
 from kpnet.analysis import collisions as C
 from kpnet.cli import app
 from kpnet.errors import KpnetError
 
-DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = shared_data_dir()
 TINY = DATA / "coco_tiny" / "annotations"
 TRAIN = TINY / "instances_train2017.json"
 VAL = TINY / "instances_val2017.json"
@@ -133,6 +133,7 @@ def _load(tmp_path: Path, data: dict, name: str = "ann.json") -> C.BoxSet:
 
 # --------------------------------------------------------------------------------------- tests
 
+@pytest.mark.shared_data
 def test_coco_tiny_train_acceptance():
     stats = C.collision_stats(C.load_boxes(TRAIN))
     assert stats["images"] == 80
@@ -149,6 +150,7 @@ def test_coco_tiny_train_acceptance():
     assert crowd["forced_anchors"] >= stats["forced_anchors"]
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("path", [TRAIN, VAL], ids=["train", "val"])
 def test_pairs_match_loops_on_coco_tiny(path):
     data = json.loads(path.read_text())
@@ -191,6 +193,7 @@ def _assert_same_assignment(fast: np.ndarray, slow: np.ndarray) -> None:
     assert not ((slow > 0.5 - 1e-9) & (slow < 0.5)).any()  # no decision hangs on rounding
 
 
+@pytest.mark.shared_data
 @pytest.mark.parametrize("path", [TRAIN, VAL], ids=["train", "val"])
 def test_forced_anchors_match_brute_force_on_coco_tiny(path):
     boxes = C.load_boxes(path)
@@ -277,6 +280,7 @@ def test_missing_area_falls_back_to_box_area(tmp_path):
      lambda d: f"annotation id {d['annotations'][4]['id']} (image {d['annotations'][4]['image_id']}) has iscrowd 2"),
     (lambda d: d.pop("annotations"), lambda d: "'annotations'"),
 ])
+@pytest.mark.shared_data
 def test_load_boxes_names_the_culprit(tmp_path, mutate, culprit):
     """Checked by kpnet.data.validate (the one COCO checker): the line names the file and the record."""
     data = json.loads(TRAIN.read_text())
@@ -297,6 +301,7 @@ def test_load_boxes_tolerates_what_statistics_do_not_use(tmp_path):
     assert boxes.area.tolist() == [200.0, 0.0] and boxes.num_images == 1
 
 
+@pytest.mark.shared_data
 def test_cli_json(tmp_path):
     result = _runner().invoke(app, ["collision-stats", str(TRAIN), str(VAL), "--iou", "0.5,0.7,0.3", "--json"])
     assert result.exit_code == 0, result.output
@@ -319,12 +324,14 @@ def test_cli_json(tmp_path):
     (["--iou", "1.5"], "--iou"),
     (["--stride", "0"], "--stride"),
 ])
+@pytest.mark.shared_data
 def test_cli_bad_options_exit_2(args, culprit):
     result = _runner().invoke(app, ["collision-stats", str(TRAIN), *args, "--json"])
     assert result.exit_code == 2
     assert json.loads(result.stdout)["error"].startswith(culprit)
 
 
+@pytest.mark.shared_data
 def test_cli_bad_file_exit_2(tmp_path):
     bad = tmp_path / "broken.json"
     bad.write_text('{"images": [], "annotations": [')

@@ -4,7 +4,6 @@ every head replaced by ground truth reaching AP >= 0.99 on shapes and on coco_ti
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,9 @@ from kpnet.cli.error_analysis import parse_groups, row_label
 from kpnet.models import FAMILIES
 from kpnet.errors import KpnetError
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shared_data_dir
 
-DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = shared_data_dir()
 COCO_TINY = DATA / "coco_tiny"
 RECIPE = REPO / "recipes" / "quickstart.yaml"
 TINY_MODEL = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16", "model.deformable=false"]
@@ -108,6 +107,7 @@ def test_unknown_head_exits_2_naming_it(shapes_setup: tuple[Path, list[str]]) ->
 
 
 @pytest.mark.slow  # the baseline row runs the network over 80 COCO images: 15 s idle, ~100 s on a loaded 2-core box
+@pytest.mark.shared_data
 def test_all_heads_replaced_on_coco_tiny(tmp_path: Path) -> None:
     overrides = [
         f"data.root={COCO_TINY}", "data.train_ann=annotations/instances_train2017.json", "data.train_images=train2017",

@@ -4,7 +4,6 @@ and the input errors that name the file and the culprit."""
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -12,11 +11,12 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import shared_data_dir
 from kpnet import evaluation
 from kpnet.data.validate import load_gt
 from kpnet.errors import KpnetError
 
-DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = shared_data_dir()
 VAL = DATA / "val2014_100"
 GT = VAL / "instances_val2014_100.json"
 DETS = VAL / "instances_val2014_fakebbox100_results.json"
@@ -39,6 +39,7 @@ def published_bbox_stats() -> list[float]:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.shared_data
 def test_bbox_stats_match_published(coco, backend):
     stats = evaluation.bbox_stats(*coco, backend=backend)
     assert list(stats) == list(evaluation.BBOX_KEYS)
@@ -49,6 +50,7 @@ def test_bbox_stats_match_published(coco, backend):
         assert abs(stats[key] - want) <= 0.0005 + 1e-12, (key, stats[key], want)
 
 
+@pytest.mark.shared_data
 def test_backends_agree(coco):
     a = evaluation.bbox_stats(*coco, backend="pycocotools")
     b = evaluation.bbox_stats(*coco, backend="faster")
@@ -57,6 +59,7 @@ def test_backends_agree(coco):
     assert a["AP"] == b["AP"]
 
 
+@pytest.mark.shared_data
 def test_summarize_prints_nothing(coco, capsys):
     evaluation.bbox_stats(*coco, backend="pycocotools")
     evaluation.fd_rates(*coco, backend="pycocotools")
@@ -64,6 +67,7 @@ def test_summarize_prints_nothing(coco, capsys):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.shared_data
 def test_fd_rates_acceptance(coco, backend):
     fd = evaluation.fd_rates(*coco, backend=backend)
     assert list(fd) == list(evaluation.FD_KEYS)
@@ -71,6 +75,7 @@ def test_fd_rates_acceptance(coco, backend):
         assert abs(fd[key] - want) < 1e-6, (key, fd[key], want)
 
 
+@pytest.mark.shared_data
 def test_fd50_is_one_minus_ap50(coco):
     """IoU 0.5 at maxDets 100 is shared by both evaluations: FD50 = 1 - AP50 of the standard run."""
     stats = evaluation.bbox_stats(*coco, backend="pycocotools")
@@ -80,6 +85,7 @@ def test_fd50_is_one_minus_ap50(coco):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.shared_data
 def test_empty_results_score_zero(coco, backend):
     gt, _ = coco
     empty = evaluation.load_dets([], gt)
@@ -87,6 +93,7 @@ def test_empty_results_score_zero(coco, backend):
     assert evaluation.fd_rates(gt, empty, backend=backend) == {k: 1.0 for k in evaluation.FD_KEYS}
 
 
+@pytest.mark.shared_data
 def test_ground_truth_as_results_scores_one(coco):
     gt, _ = coco
     perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
@@ -96,6 +103,7 @@ def test_ground_truth_as_results_scores_one(coco):
     assert evaluation.fd_rates(gt, evaluation.load_dets(perfect, gt))["FD"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.shared_data
 def test_plot_pr_curves(coco, tmp_path):
     cocoeval = evaluation.evaluate_bbox(*coco)
     assert evaluation.stats_dict(cocoeval)["AP"] == 0.5045806987249628
@@ -124,6 +132,7 @@ def _error(fn, *args) -> str:
     return e.value.line()
 
 
+@pytest.mark.shared_data
 def test_load_gt_errors(tmp_path):
     line = _error(load_gt, _write(tmp_path, "bad.json", '{"images": ['))
     assert line.startswith(str(tmp_path / "bad.json")) and "malformed JSON" in line
@@ -141,6 +150,7 @@ def test_load_gt_errors(tmp_path):
         load_gt, _write(tmp_path, "dup.json", d))
 
 
+@pytest.mark.shared_data
 def test_load_gt_fills_the_iscrowd_default(tmp_path):
     """COCO's iscrowd defaults to 0; COCOeval reads it, so a file without it still scores."""
     d = _gt_dict()
@@ -151,6 +161,7 @@ def test_load_gt_fills_the_iscrowd_default(tmp_path):
     assert 0 < stats["AP"] < 1
 
 
+@pytest.mark.shared_data
 def test_load_gt_rejects_id_zero():
     """bccd (a Roboflow export) starts its annotation ids at 0, which COCOeval can never match."""
     path = DATA / "bccd" / "train" / "_annotations.coco.json"
@@ -158,6 +169,7 @@ def test_load_gt_rejects_id_zero():
     assert line.startswith(str(path)) and "annotation id 0" in line and "--fix" in line
 
 
+@pytest.mark.shared_data
 def test_load_dets_errors(coco, tmp_path):
     gt, _ = coco
     good = json.loads(DETS.read_text())
@@ -177,6 +189,7 @@ def test_load_dets_errors(coco, tmp_path):
         evaluation.load_dets(tmp_path / "nothing.json", gt)
 
 
+@pytest.mark.shared_data
 def test_load_dets_accepts_numpy_scalars(coco):
     gt, _ = coco
     d = json.loads(DETS.read_text())[0]

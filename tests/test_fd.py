@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
 import pytest
 from typer.testing import CliRunner
 
+from conftest import shared_data_dir
 from kpnet.analysis.fd import fd_deltas
 from kpnet.cli import app
 from kpnet.data.validate import load_gt
 from kpnet.evaluation import FD_KEYS, fd_rates, load_dets
 
-DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = shared_data_dir()
 GT = DATA / "val2014_100" / "instances_val2014_100.json"
 DETS = DATA / "val2014_100" / "instances_val2014_fakebbox100_results.json"
 FD_EXPECTED = {"FD": 0.300244, "FD5": 0.299638, "FD25": 0.299638, "FD50": 0.303027,
@@ -48,6 +48,7 @@ def test_fd_deltas_against_first():
     assert deltas[1] == dict.fromkeys(FD_KEYS, 0.25) | {"FD_S": None}
 
 
+@pytest.mark.shared_data
 def test_fd_analysis_json_and_chart(tmp_path, worse_results):
     chart = tmp_path / "fd.png"
     result = _runner().invoke(app, ["fd-analysis", "--gt", str(GT), str(DETS), str(worse_results),
@@ -72,6 +73,7 @@ def test_fd_analysis_json_and_chart(tmp_path, worse_results):
     assert img is not None and img.shape[0] >= 400 and img.shape[1] >= 600
 
 
+@pytest.mark.shared_data
 def test_fd_analysis_human_table(worse_results):
     result = _runner().invoke(app, ["fd-analysis", "--gt", str(GT), str(DETS), str(worse_results)])
     assert result.exit_code == 0, result.output
@@ -79,6 +81,7 @@ def test_fd_analysis_human_table(worse_results):
 
 
 @pytest.mark.parametrize("case", ["names", "missing", "image", "malformed"])
+@pytest.mark.shared_data
 def test_fd_analysis_bad_input_exits_2(tmp_path, case):
     args = ["fd-analysis", "--gt", str(GT), str(DETS)]
     if case == "names":

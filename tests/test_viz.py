@@ -19,9 +19,9 @@ from kpnet.data.shapes import CLASS_NAMES
 from kpnet.data import transforms
 from kpnet.viz import GT_COLOUR, heat_to_image
 
-from conftest import REPO, run_cli
+from conftest import REPO, run_cli, shared_data_dir
 
-DATA = Path(os.environ.get("KPNET_TEST_DATA", Path(__file__).resolve().parents[1] / ".." / "shared" / "data"))
+DATA = shared_data_dir()
 COCO_VAL = DATA / "coco_tiny" / "annotations" / "instances_val2017.json"
 COCO_VAL_IMAGES = DATA / "coco_tiny" / "val2017"
 TAG_W, TAG_H = 110, 18  # room for a label tag at a box's top-left (above it, or inside at the image top)
@@ -155,6 +155,7 @@ def test_heat_maps_back_through_the_test_input_mapping(scale: float) -> None:
     assert abs(peak_y - (cy * 4 - meta["border_y"]) / scale) <= 1
 
 
+@pytest.mark.shared_data
 def test_browse_ground_truth_on_coco_tiny(tmp_path: Path) -> None:
     data = json.loads(COCO_VAL.read_text())
     ids = [data["images"][0]["id"], data["images"][1]["id"]]
@@ -208,7 +209,8 @@ def test_no_checkpoint_anywhere_fails_with_a_hint(setup: dict[str, Path], tmp_pa
     ([], "give IMAGE"),
     (["x.png", "--images", "d"], "--images/--ids"),
     (["--ann", str(COCO_VAL)], "--images DIR"),
-    (["--ann", str(COCO_VAL), "--images", str(COCO_VAL_IMAGES), "--heatmaps"], "--heatmaps"),
+    pytest.param(["--ann", str(COCO_VAL), "--images", str(COCO_VAL_IMAGES), "--heatmaps"], "--heatmaps",
+                 marks=pytest.mark.shared_data),
     (["missing.png", "--checkpoint", "c.pt"], "missing.png: image file not found"),
     (["x.png", "--set", "test.k=5"], "--set: overrides a recipe"),
 ])

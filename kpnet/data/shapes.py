@@ -29,6 +29,8 @@ from typing import Any
 
 import cv2
 import numpy as np
+import torch
+from torchvision.ops import box_iou
 
 from kpnet.io import atomic_write_bytes, atomic_write_json
 
@@ -200,14 +202,6 @@ def _pick_colour(rng: np.random.Generator, bg_region: np.ndarray, others: list[n
     return np.full(3, 0.0 if bg_lum > 127 else 255.0)
 
 
-def _box_iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = iw * ih
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def _window(box: tuple[float, float, float, float], size: int) -> tuple[slice, slice]:
     return (slice(max(int(box[1]) - 1, 0), min(int(np.ceil(box[3])) + 1, size)),
             slice(max(int(box[0]) - 1, 0), min(int(np.ceil(box[2])) + 1, size)))
@@ -237,7 +231,8 @@ def _visible_ok(placed: list[_Placed], owner: np.ndarray, mask: np.ndarray, wind
         vr, vc = np.flatnonzero(visible.any(axis=1)), np.flatnonzero(visible.any(axis=0))
         vbox = (float(cols.start + vc[0]), float(rows.start + vr[0]),
                 float(cols.start + vc[-1] + 1), float(rows.start + vr[-1] + 1))
-        if _box_iou(vbox, obj.box) < MIN_VISIBLE_BOX_IOU:
+        iou = box_iou(torch.tensor([vbox], dtype=torch.float64), torch.tensor([obj.box], dtype=torch.float64))
+        if float(iou) < MIN_VISIBLE_BOX_IOU:
             return False
     return True
 
