@@ -73,3 +73,81 @@ def test_bad_values_and_files(tmp_path: Path) -> None:
     loop.write_text("extends: loop.yaml\n")
     with pytest.raises(KpnetError, match="cycle"):
         load_recipe(loop)
+
+
+ENUM_FIELDS = {  # every enumerated recipe field -> a misspelt value
+    "family": "cornernett",
+    "model.backbone": "resnet-18",
+    "targets.radius_mode": "legacy",
+    "augment.crop": "centrenet",
+    "test.nms": "gausian",
+}
+
+
+def _enum_fields(cls: type, prefix: str = "") -> set[str]:
+    """Dotted names of every Literal-typed field of the recipe schema."""
+    import typing
+
+    found = set()
+    for name, tp in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            found |= _enum_fields(tp, f"{prefix}{name}.")
+        elif typing.get_origin(tp) is typing.Literal:
+            found.add(f"{prefix}{name}")
+    return found
+
+
+def test_enum_fields_are_all_covered() -> None:
+    assert _enum_fields(Recipe) == set(ENUM_FIELDS)
+
+
+@pytest.mark.parametrize("key", sorted(ENUM_FIELDS))
+def test_unknown_enum_value_names_file_key_and_valid_values(key: str, tmp_path: Path) -> None:
+    """A misspelt enumeration stops at load, naming the file, the key and the valid values (no silent default)."""
+    import typing
+
+    section, _, field = key.rpartition(".")
+    cls = Recipe
+    for part in filter(None, section.split(".")):
+        cls = typing.get_type_hints(cls)[part]
+    valid = typing.get_args(typing.get_type_hints(cls)[field])
+    path = tmp_path / "typo.yaml"
+    body = f"{field}: {ENUM_FIELDS[key]}\n" if not section else f"{section}:\n  {field}: {ENUM_FIELDS[key]}\n"
+    path.write_text(f"extends: {REPO / 'recipes' / 'quickstart.yaml'}\n{body}")
+    with pytest.raises(KpnetError) as e:
+        load_recipe(path)
+    line = e.value.line()
+    assert line.startswith(str(path)) and f"{key}: unknown value {ENUM_FIELDS[key]!r}" in line
+    assert f"valid values: {', '.join(valid)}" in line
+    with pytest.raises(KpnetError, match=f"{key}: unknown value"):
+        load_recipe(REPO / "recipes" / "quickstart.yaml", [f"{key}={ENUM_FIELDS[key]}"])
+
+
+def test_misspelt_nms_exits_2_on_the_command_line(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    proc = run_cli("eval", "recipes/quickstart.yaml", "--checkpoint", str(tmp_path / "none.pt"),
+                   "--set", "test.nms=gausian", "--json")
+    assert proc.returncode == 2
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "test.nms: unknown value 'gausian'" in line[0]
+    assert "valid values: none, soft_gaussian, soft_linear, hard" in line[0]
+
+
+def test_enums_match_what_the_code_builds() -> None:
+    """The schema's family and backbone names are exactly the detectors and backbones kpnet builds."""
+    import typing
+
+    from kpnet.backbones import BACKBONES
+    from kpnet.config import Backbone, Family, NmsMode
+    from kpnet.engine.inference import NMS_METHODS
+    from kpnet.models import FAMILIES
+
+    assert set(typing.get_args(Family)) == set(FAMILIES)
+    assert set(typing.get_args(Backbone)) == set(BACKBONES)
+    assert set(typing.get_args(NmsMode)) == set(NMS_METHODS)
+
+
+def test_hard_nms_can_be_chosen_from_a_recipe() -> None:
+    r = load_recipe(REPO / "recipes" / "quickstart.yaml", ["test.nms=hard"])
+    assert r.test.nms == "hard"

@@ -208,3 +208,16 @@ def test_soft_nms_in_the_pipeline_returns_no_stale_rows() -> None:
     assert rows["a"][0] == pytest.approx(0.9, abs=1e-4)
     iou = (8 * ratio + 1) / (10 * ratio + 1)  # +1-pixel IoU of the two boxes (same height)
     assert rows["b"][0] == pytest.approx(0.875 * math.exp(-iou**2 / 0.5), rel=1e-4)
+
+
+def test_hard_nms_from_the_recipe_removes_the_overlapping_pair() -> None:
+    """test.nms: hard reaches the pipeline's per-class NMS: the second pair (IoU 0.8 > 0.5) is removed, not decayed."""
+    recipe = load_recipe(REPO / "recipes" / "cornernet_hg104.yaml",
+                         ["model.num_classes=2", "test.flip=false", "test.nms=hard"])
+    tl = [(0, 2, 3, 0.9, 10.0, 0.0, 0.0), (0, 4, 3, 0.85, 10.0, 0.0, 0.0)]
+    heads = heads_from(tl, [(0, 12, 12, 0.9, 10.0, 0.0, 0.0)], hw=(32, 32))
+    detector = CornerNetDetector(recipe, nn.Identity())
+    dets = detect_with_heads(lambda batch, meta: heads, detector, np.zeros((127, 127, 3), np.uint8), recipe.test)
+    ratio = 127 / 32
+    assert any(b == pytest.approx([2 * ratio, 3 * ratio, 12 * ratio, 12 * ratio], abs=1e-3) for b in dets.boxes.tolist())
+    assert not any(b == pytest.approx([4 * ratio, 3 * ratio, 12 * ratio, 12 * ratio], abs=1e-3) for b in dets.boxes.tolist())
