@@ -43,7 +43,7 @@ def main() -> None:
         summary = train(recipe, args.out / recipe.name)
         train_s = time.perf_counter() - tic
         model = load_checkpoint(summary["checkpoint"])
-        results = predict_dataset(model, index, recipe.test)
+        results = predict_dataset(model, index)
         dets = evaluation.load_dets(results, index.coco, source=recipe.name)
         stats = evaluation.bbox_stats(index.coco, dets)
         fd = evaluation.fd_rates(index.coco, dets)

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from kpnet.config import load_recipe
-from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_index
+from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
 from kpnet.data.shapes import make_shapes
-from kpnet.engine.train import _encode_input_boxes, chunked_loss, data_paths
-from kpnet.models import build_model, family_of
+from kpnet.engine.train import chunked_loss, encode_input_boxes
+from kpnet.models import build_detector
 from kpnet.targets import output_size
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +37,16 @@ def loader_rate(dataset: TrainDataset, batch: int, workers: int, batches: int) -
 
 
 def step_rate(recipe, batches: list[dict[str, torch.Tensor]]) -> float:  # type: ignore[no-untyped-def]
-    family = family_of(recipe)
     torch.manual_seed(0)
-    model = build_model(recipe).train()
+    detector = build_detector(recipe)
+    model = detector.network.train()
     opt = torch.optim.Adam(model.parameters(), lr=recipe.train.lr)
-    loss_fn = functools.partial(family.loss, **{k: getattr(recipe.loss, k) for k in family.LOSS_WEIGHTS})
     times = []
     for batch in batches:
         batch = dict(batch)
         images = batch.pop("image")
         tic = time.perf_counter()
-        loss = chunked_loss(loss_fn, model(images), batch, recipe.loss.chunk_size)["loss"]
+        loss = chunked_loss(detector.loss, model(images), batch, recipe.loss.chunk_size)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -66,12 +65,11 @@ def main() -> None:
         if args.data is None:
             make_shapes(root, num_train=args.batches * 32 + 64, num_val=0)
         recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.root={root}"])
-        tr, t = recipe.train, recipe.targets
-        ann, images = data_paths(recipe, "train")
-        index = load_index(ann, images)
+        tr = recipe.train
+        index = load_split(recipe, "train")
         out = output_size(tr.input_size)
-        encode = functools.partial(_encode_input_boxes, family_of(recipe).encode, out / tr.input_size,
-                                   recipe.model.num_classes, (out, out), t.max_objs, t.radius_mode, t.min_overlap)
+        encode = functools.partial(encode_input_boxes, build_detector(recipe).target_renderer(), out / tr.input_size,
+                                   (out, out))
         a = recipe.augment
         dataset = TrainDataset(index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; "
