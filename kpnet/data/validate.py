@@ -337,14 +337,19 @@ def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str,
         report.notes.append(f"{crowd} crowd boxes (iscrowd 1): COCOeval ignores detections matched to them")
 
 
-def validate_coco(ann_path: str | Path, images_dir: str | Path | None, check_images: bool = True) -> Report:
-    """Report every problem in a COCO detection file; with `check_images`, decode every image."""
+def _open(ann_path: str | Path, images_dir: str | Path | None) -> tuple[Path, Path | None, Report, Any, Problem | None]:
+    """The annotation path, the image folder (which must exist when given), an empty report and the parsed file."""
     ann_path = Path(ann_path)
     root = Path(images_dir) if images_dir is not None else None
     if root is not None and not root.is_dir():
         raise KpnetError(root, "no such image folder")
-    report = Report(str(ann_path), str(root) if root is not None else None)
     doc, problem = _read_json(ann_path)
+    return ann_path, root, Report(str(ann_path), str(root) if root is not None else None), doc, problem
+
+
+def validate_coco(ann_path: str | Path, images_dir: str | Path | None, check_images: bool = True) -> Report:
+    """Report every problem in a COCO detection file; with `check_images`, decode every image."""
+    ann_path, root, report, doc, problem = _open(ann_path, images_dir)
     if problem is not None:
         report.problems.append(problem)
         report.fixable = False
@@ -360,12 +365,7 @@ def load_coco_checked(ann_path: str | Path, images_dir: str | Path | None, *,
     structural problems (FATAL_KINDS less `tolerate`); degenerate or out-of-image boxes are returned as
     they are, and a missing `iscrowd` becomes 0, COCO's default, which COCOeval reads. With `images_dir`,
     every image file must exist (they are not decoded here)."""
-    ann_path = Path(ann_path)
-    root = Path(images_dir) if images_dir is not None else None
-    if root is not None and not root.is_dir():
-        raise KpnetError(root, "no such image folder")
-    report = Report(str(ann_path), str(root) if root is not None else None)
-    doc, problem = _read_json(ann_path)
+    ann_path, root, report, doc, problem = _open(ann_path, images_dir)
     if problem is not None:
         raise KpnetError(ann_path, problem.detail)
     _check(doc, report, root, "exists", required)
