@@ -20,12 +20,15 @@ from kpnet.errors import KpnetError
 
 
 # The recipe's enumerations: a value outside these stops at load time naming the key and the valid values.
-Family = Literal["centernet_points", "cornernet", "centernet_triplet"]
+Family = Literal["centernet_points", "cornernet", "centernet_triplet", "centripetalnet"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "hourglass104", "hourglass52", "hourglass_small",
                    "dla34"]
 RadiusMode = Literal["legacy_bug", "cornernet_fixed"]  # REFERENCE §2.2: XZ/DK published numbers; CN since 3e71377
 CropMode = Literal["centernet", "cornernet"]  # REFERENCE §5: XZ side max(h, w)·s affine; CN/DK 511·s window
 NmsMode = Literal["none", "soft_gaussian", "soft_linear", "hard"]  # REFERENCE §4.5 methods 2, 1, 0
+# CentripetalNet's central-region scale μ (REFERENCE §4.4): the official code (KD) uses 1/2.1 for boxes of area
+# <= 3500 input pixels and 1/2.4 above; the paper (§3.1) and mmdetection use the reverse values.
+CentripetalMu = Literal["official", "paper", "mmdetection"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,8 @@ class LossConfig:
     off_weight: float = 1.0
     pull_weight: float = 0.1  # corner families: associative-embedding pull (CornerNet eq. 4, REFERENCE §3.2)
     push_weight: float = 0.1  # corner families: associative-embedding push (CornerNet eq. 5)
+    guiding_weight: float = 0.05  # centripetalnet: α of the guiding-shift loss (CentripetalNet eq. 9)
+    centripetal_weight: float = 1.0  # centripetalnet: the centripetal-shift loss (eq. 2, 9)
     chunk_size: int = 0  # evaluate the loss per chunk of this many images and average (REFERENCE §3.5); 0 = whole batch
 
 
@@ -128,6 +133,9 @@ class TestConfig:
     region_area: float = 22500.0  # centernet_triplet: n = region_n_small for box area <= this (original pixels)
     region_n_small: float = 3.0
     region_n_large: float = 5.0
+    centripetal_mu: CentripetalMu = "official"  # centripetalnet: which rule sets μ of the central region
+    centripetal_area: float = 3500.0  # centripetalnet: the μ switch, box area in input pixels (REFERENCE §4.4)
+    centripetal_weighting: bool = False  # centripetalnet: score × eq. 5's exp(-|dx||dy|/area(R)); off = the codes' mean
     nms: NmsMode = "none"  # per-class NMS after decoding; multi-scale tests always merge (gaussian when "none")
     nms_sigma: float = 0.5
     nms_threshold: float = 0.5

@@ -8,12 +8,14 @@ from kpnet.config import Recipe
 from kpnet.detectors.base import Detector
 from kpnet.detectors.centernet_points import CenterNetPointsDetector
 from kpnet.detectors.centernet_triplet import CenterNetTripletDetector
+from kpnet.detectors.centripetalnet import CentripetalNetDetector
 from kpnet.detectors.cornernet import CornerNetDetector
 
 FAMILIES: dict[str, type[Detector]] = {
     "centernet_points": CenterNetPointsDetector,
     "cornernet": CornerNetDetector,
     "centernet_triplet": CenterNetTripletDetector,
+    "centripetalnet": CentripetalNetDetector,
 }
 
 

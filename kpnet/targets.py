@@ -152,15 +152,19 @@ def corner_targets(
     radius_mode: str,
     min_overlap: float,
     centers: bool = False,
+    shifts: bool = False,
 ) -> dict[str, np.ndarray]:
-    """CornerNet targets (CornerNet §3.2-3.3; REFERENCE §2.4), plus the triplet centre keypoint with `centers`.
+    """CornerNet targets (CornerNet §3.2-3.3; REFERENCE §2.4), plus the triplet centre keypoint with `centers`
+    and CentripetalNet's guiding and centripetal shifts with `shifts`.
 
     `boxes` are (N, 4) x1, y1, x2, y2 in output-grid units (input pixels × out/inp, 128/511 at 511),
     kept in the given order (the caller orders objects by category, as CN does). Boxes are clipped to
     the grid and dropped when empty; each corner gets a gaussian at its truncated cell, its fractional
     offset and the cell's flat index, which gathers its embedding and offset. The radius uses the
     ceiled output-grid box size. The centre ((x1+x2)/2, (y1+y2)/2) gets the same radius with
-    σ = diameter/5 and no embedding (REFERENCE §2.3-2.4 DK).
+    σ = diameter/5 and no embedding (REFERENCE §2.3-2.4 DK). The guiding shift runs linearly from the
+    integer corner cell to the box centre and the centripetal shift is log(|centre − corner|) from the float
+    corner, per axis (CentripetalNet eq. 1 and 7 with s = 1 on the output grid; REFERENCE §2.4 KD).
     """
     out_h, out_w = out_hw
     kinds = ("tl", "br", "ct") if centers else ("tl", "br")
@@ -169,6 +173,10 @@ def corner_targets(
         t[f"{kind}_heat"] = np.zeros((num_classes, out_h, out_w), np.float32)
         t[f"{kind}_regr"] = np.zeros((max_objs, 2), np.float32)
         t[f"{kind}_ind"] = np.zeros((max_objs,), np.int64)
+    if shifts:
+        for kind in ("tl", "br"):
+            t[f"{kind}_guiding_shift"] = np.zeros((max_objs, 2), np.float32)
+            t[f"{kind}_centripetal_shift"] = np.zeros((max_objs, 2), np.float32)
     t["tag_mask"] = np.zeros((max_objs,), np.float32)
     boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
     k = 0
@@ -187,6 +195,12 @@ def corner_targets(
             draw_gaussian(t[f"{kind}_heat"][int(cls)], ix, iy, radius, 5.0 if kind == "ct" else 6.0)
             t[f"{kind}_regr"][k] = fx - ix, fy - iy
             t[f"{kind}_ind"][k] = iy * out_w + ix
+        if shifts:
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            t["tl_guiding_shift"][k] = cx - int(x1), cy - int(y1)
+            t["br_guiding_shift"][k] = int(x2) - cx, int(y2) - cy
+            t["tl_centripetal_shift"][k] = np.log(cx - x1), np.log(cy - y1)
+            t["br_centripetal_shift"][k] = np.log(x2 - cx), np.log(y2 - cy)
         t["tag_mask"][k] = 1
         k += 1
     return t

@@ -81,6 +81,7 @@ ENUM_FIELDS = {  # every enumerated recipe field -> a misspelt value
     "targets.radius_mode": "legacy",
     "augment.crop": "centrenet",
     "test.nms": "gausian",
+    "test.centripetal_mu": "oficial",
 }
 
 

@@ -13,6 +13,7 @@ from kpnet.backbones.dla import DeformConvBlock, bilinear_upsample, dla34
 from kpnet.backbones.hourglass import hourglass52, hourglass104
 from kpnet.detectors.centernet_points import CenterNetPoints
 from kpnet.detectors.centernet_triplet import CenterNetTriplet
+from kpnet.detectors.centripetalnet import CentripetalNetwork
 from kpnet.detectors.corner import CornerNetwork
 
 HG = {"HG-104": hourglass104, "HG-52": hourglass52}
@@ -21,6 +22,7 @@ BUILDERS = {
     "CornerNet": lambda backbone: CornerNetwork(backbone, 80),
     "CenterNet-triplets": lambda backbone: CenterNetTriplet(backbone, 80, cascade=True, center_pool=True),
     "CenterNet-points": lambda backbone: CenterNetPoints(backbone, 80, head_conv=256),
+    "CentripetalNet": lambda backbone: CentripetalNetwork(backbone, 80),
 }
 REFERENCE_MILLIONS = [  # REFERENCE §1.7
     ("backbone", "HG-104", 187.7),
@@ -31,6 +33,10 @@ REFERENCE_MILLIONS = [  # REFERENCE §1.7
     ("CenterNet-triplets", "HG-52", 104.8),
     ("CenterNet-points", "HG-104", 191.3),
     ("CenterNet-points", "HG-52", 95.5),
+    # CornerNet less the two embedding heads per stack, plus guiding-shift, DCN-offset, DCN and
+    # centripetal-shift layers per stack and corner type (without the mask head)
+    ("CentripetalNet", "HG-104", 205.8),
+    ("CentripetalNet", "HG-52", 102.7),
 ]
 
 

@@ -37,8 +37,10 @@ def grid_to_image(coords: Tensor, meta: dict[str, float], down_x: float, down_y:
 class Detections:
     """Detections of one image: boxes (N, 4) x1, y1, x2, y2, scores (N,), classes (N,) as contiguous class
     indices, and the family's extras — `corner_scores` (N, 2) s_tl, s_br of corner families (they weight the
-    multi-scale merge, REFERENCE §4.5) and `centres` (N, 2), the triplet centre keypoint that validated
-    each box (triplet §3.1). Coordinates are output-grid units inside `decode`, image pixels after it."""
+    multi-scale merge, REFERENCE §4.5) and `centres`: (N, 2) the triplet centre keypoint that validated each
+    box (triplet §3.1), or (N, 4) the two centres CentripetalNet decodes from the corners' centripetal shifts
+    (tl then br, x, y each; CentripetalNet eq. 1). Coordinates are output-grid units inside `decode`, image
+    pixels after it."""
 
     boxes: Tensor
     scores: Tensor

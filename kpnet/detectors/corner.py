@@ -31,8 +31,8 @@ class CornerNetwork(nn.Module):
 
     In training one dict per stack (intermediate supervision); in eval only the last stack's heads
     run (CornerNet `kp._test`). `cascade=True` swaps in cascade corner pooling: the "CornerNet + CCP"
-    row of the triplet paper's Table 4. Pool/head widths default to the paper's 256 -> 128 / 256
-    scaled to `backbone.out_channels`.
+    row of the triplet paper's Table 4; `embeddings=False` leaves out the embedding heads (CentripetalNet).
+    Pool/head widths default to the paper's 256 -> 128 / 256 scaled to `backbone.out_channels`.
     """
 
     def __init__(
@@ -42,6 +42,7 @@ class CornerNetwork(nn.Module):
         cascade: bool = False,
         pool_mid: int | None = None,
         head_mid: int | None = None,
+        embeddings: bool = True,
     ) -> None:
         super().__init__()
         dim = backbone.out_channels
@@ -56,8 +57,10 @@ class CornerNetwork(nn.Module):
         self.br_pools = nn.ModuleList(pool(BOTTOM_RIGHT, dim, pool_mid) for _ in range(stacks))
         self.tl_heats = nn.ModuleList(kp_head(dim, head_mid, num_classes, HEAT_BIAS) for _ in range(stacks))
         self.br_heats = nn.ModuleList(kp_head(dim, head_mid, num_classes, HEAT_BIAS) for _ in range(stacks))
-        self.tl_tags = nn.ModuleList(kp_head(dim, head_mid, 1) for _ in range(stacks))
-        self.br_tags = nn.ModuleList(kp_head(dim, head_mid, 1) for _ in range(stacks))
+        self.embeddings = embeddings
+        if embeddings:
+            self.tl_tags = nn.ModuleList(kp_head(dim, head_mid, 1) for _ in range(stacks))
+            self.br_tags = nn.ModuleList(kp_head(dim, head_mid, 1) for _ in range(stacks))
         self.tl_regrs = nn.ModuleList(kp_head(dim, head_mid, 2) for _ in range(stacks))
         self.br_regrs = nn.ModuleList(kp_head(dim, head_mid, 2) for _ in range(stacks))
 
@@ -65,14 +68,16 @@ class CornerNetwork(nn.Module):
         """Head outputs of one stack: heatmaps (C), embeddings (1) and offsets (2) per corner type."""
         tl = self.tl_pools[stack](feature)
         br = self.br_pools[stack](feature)
-        return {
-            "tl_heat": self.tl_heats[stack](tl),
-            "br_heat": self.br_heats[stack](br),
-            "tl_tag": self.tl_tags[stack](tl),
-            "br_tag": self.br_tags[stack](br),
-            "tl_regr": self.tl_regrs[stack](tl),
-            "br_regr": self.br_regrs[stack](br),
-        }
+        outputs = {"tl_heat": self.tl_heats[stack](tl), "br_heat": self.br_heats[stack](br)}
+        if self.embeddings:
+            outputs.update(tl_tag=self.tl_tags[stack](tl), br_tag=self.br_tags[stack](br))
+        outputs.update(tl_regr=self.tl_regrs[stack](tl), br_regr=self.br_regrs[stack](br))
+        outputs.update(self.corner_features(stack, tl, br))
+        return outputs
+
+    def corner_features(self, stack: int, tl: Tensor, br: Tensor) -> dict[str, Tensor]:
+        """Further heads on the pooled corner features of one stack (none here; CentripetalNet adds its shifts)."""
+        return {}
 
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
         features = self.backbone(images)
@@ -167,17 +172,18 @@ def embedding_groups(tl_ind: np.ndarray, br_ind: np.ndarray, mask: np.ndarray) -
     return np.array([root(i) for i in range(len(mask))], np.float32)
 
 
-def gt_maps(t: dict[str, np.ndarray], out_hw: tuple[int, int], kinds: tuple[str, ...]) -> dict[str, Tensor]:
+def gt_maps(t: dict[str, np.ndarray], out_hw: tuple[int, int], kinds: tuple[str, ...],
+            embeddings: bool = True) -> dict[str, Tensor]:
     """Rendered targets as (1, ·, H, W) network outputs: heat as logits, offsets and embeddings filled outward
     from each keypoint cell (nearest cell wins), embeddings from `embedding_groups` (CornerNet Table 3 oracle)."""
     mask = t["tag_mask"]
-    objects = embedding_groups(t["tl_ind"], t["br_ind"], mask)[:, None]
+    objects = embedding_groups(t["tl_ind"], t["br_ind"], mask)[:, None] if embeddings else None
     heads: dict[str, Tensor] = {}
     for kind in kinds:
         heat = torch.from_numpy(t[f"{kind}_heat"]).clamp(1e-6, 1 - 1e-6)
         heads[f"{kind}_heat"] = torch.logit(heat)[None]
         heads[f"{kind}_regr"] = torch.from_numpy(dense_from_centers(t[f"{kind}_regr"], t[f"{kind}_ind"], mask, out_hw))[None]
-        if kind != "ct":
+        if objects is not None and kind != "ct":
             heads[f"{kind}_tag"] = torch.from_numpy(dense_from_centers(objects, t[f"{kind}_ind"], mask, out_hw))[None]
     return heads
 
