@@ -22,6 +22,8 @@ from kpnet.data.validate import coco_index, is_int, is_number
 from kpnet.errors import KpnetError
 
 Backend = Literal["auto", "pycocotools", "faster"]
+IouType = Literal["bbox", "segm"]
+IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
 
 BBOX_KEYS: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
@@ -61,8 +63,23 @@ def _check_box(source: str | Path, where: str, bbox: Any) -> None:
         raise KpnetError(source, f"{where}: 'bbox' {bbox!r} has a negative width or height")
 
 
+def _mask_rle(source: str | Path, where: str, seg: Any, image: dict[str, Any]) -> dict[str, Any]:
+    """A result's `segmentation` as a compressed COCO RLE of its image's size (what COCOeval's segm reads)."""
+    from pycocotools import mask as mask_utils
+
+    size = [image.get("height"), image.get("width")]
+    if not (isinstance(seg, dict) and isinstance(seg.get("counts"), (str, list)) and seg.get("size") == size):
+        raise KpnetError(source, f"{where}: 'segmentation' must be a COCO RLE {{size: {size}, counts}} of image "
+                                 f"{image['id']}")
+    return mask_utils.frPyObjects(seg, *size) if isinstance(seg["counts"], list) else seg
+
+
 def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
-    """COCO results (a JSON file or a list of dicts) as a COCO object over `gt`'s images; [] is valid."""
+    """COCO results (a JSON file or a list of dicts) as a COCO object over `gt`'s images; [] is valid.
+
+    A result with a `segmentation` (COCO RLE) is an instance mask: its area is the mask's, and its box, when
+    absent, the mask's bounding box, as pycocotools' `loadRes` does.
+    """
     if isinstance(dets, (str, Path)):
         source = source or str(dets)
         entries = read_json(dets)
@@ -84,15 +101,25 @@ def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str
                 raise KpnetError(source, f"{where}: missing integer '{key}'")
         if not is_number(d.get("score")):
             raise KpnetError(source, f"{where}: missing finite numeric 'score'")
-        _check_box(source, where, d.get("bbox"))
         if d["image_id"] not in image_ids:
             raise KpnetError(source, f"{where}: image_id {d['image_id']} is not in the ground truth")
         if d["category_id"] not in cat_ids:
             raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
-        x, y, w, h = d["bbox"]
-        annotations.append({"id": i + 1, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
-                            "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
-                            "score": float(d["score"]), "iscrowd": 0})
+        entry = {"id": i + 1, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
+                 "score": float(d["score"]), "iscrowd": 0}
+        if "segmentation" in d:
+            from pycocotools import mask as mask_utils
+
+            rle = _mask_rle(source, where, d["segmentation"], gt.imgs[d["image_id"]])
+            box = d.get("bbox") if "bbox" in d else mask_utils.toBbox(rle).tolist()
+            entry.update(segmentation=rle, area=float(mask_utils.area(rle)))
+        else:
+            box = d.get("bbox")
+        _check_box(source, where, box)
+        x, y, w, h = box
+        entry["bbox"] = [float(x), float(y), float(w), float(h)]
+        entry.setdefault("area", float(w * h))
+        annotations.append(entry)
     return coco_index({"images": list(gt.dataset["images"]),
                             "categories": list(gt.dataset["categories"]),
                             "annotations": annotations})
@@ -115,11 +142,29 @@ def _cocoeval_class(backend: Backend) -> Any:
     return COCOeval
 
 
+def has_masks(dt: COCO) -> bool:
+    """Whether loaded results carry instance masks (so `segm` can be scored)."""
+    return any("segmentation" in a for a in dt.dataset["annotations"])
+
+
+def _check_gt_masks(gt: COCO) -> None:
+    missing = next((a for a in gt.dataset["annotations"] if "segmentation" not in a), None)
+    if missing is not None:
+        raise KpnetError("--iou-type", f"segm needs ground-truth masks; annotation id {missing.get('id')} has no "
+                                       "'segmentation'")
+
+
 def run_cocoeval(gt: COCO, dt: COCO, backend: Backend = "auto",
                  iou_thresholds: Sequence[float] | None = None,
-                 max_dets: Sequence[int] | None = None) -> Any:
-    """Run COCOeval (bbox) evaluate + accumulate quietly; the object holds `eval['precision']` [T,R,K,A,M]."""
-    cocoeval = _cocoeval_class(backend)(gt, dt, "bbox")
+                 max_dets: Sequence[int] | None = None, iou_type: IouType = "bbox") -> Any:
+    """Run COCOeval (bbox or segm) evaluate + accumulate quietly; the object holds `eval['precision']` [T,R,K,A,M]."""
+    if iou_type not in IOU_TYPES:
+        raise KpnetError("--iou-type", f"unknown IoU type {iou_type!r}; valid: {', '.join(IOU_TYPES)}")
+    if iou_type == "segm":
+        _check_gt_masks(gt)
+        if not has_masks(dt):
+            raise KpnetError("--iou-type", "segm needs results with 'segmentation' masks")
+    cocoeval = _cocoeval_class(backend)(gt, dt, iou_type)
     if iou_thresholds is not None:
         cocoeval.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
     if max_dets is not None:
@@ -129,9 +174,9 @@ def run_cocoeval(gt: COCO, dt: COCO, backend: Backend = "auto",
     return cocoeval
 
 
-def evaluate_bbox(gt: COCO, dt: COCO, backend: Backend = "auto") -> Any:
-    """The standard COCO bbox evaluation, summarised: `.stats` holds the 12 stats; keep it for plots."""
-    cocoeval = run_cocoeval(gt, dt, backend)
+def evaluate(gt: COCO, dt: COCO, backend: Backend = "auto", iou_type: IouType = "bbox") -> Any:
+    """The standard COCO evaluation (bbox, or segm for masks), summarised: `.stats` holds the 12 stats."""
+    cocoeval = run_cocoeval(gt, dt, backend, iou_type=iou_type)
     _quiet(cocoeval.summarize)
     return cocoeval
 
@@ -143,7 +188,7 @@ def stats_dict(cocoeval: Any) -> dict[str, float]:
 
 def bbox_stats(gt: COCO, dt: COCO, backend: Backend = "auto") -> dict[str, float]:
     """AP, AP50, AP75, APs, APm, APl, AR1, AR10, AR100, ARs, ARm, ARl of `dt` against `gt`."""
-    return stats_dict(evaluate_bbox(gt, dt, backend))
+    return stats_dict(evaluate(gt, dt, backend))
 
 
 def _fd(precision: np.ndarray) -> float | None:

@@ -105,7 +105,7 @@ def test_ground_truth_as_results_scores_one(coco):
 
 @pytest.mark.shared_data
 def test_plot_pr_curves(coco, tmp_path):
-    cocoeval = evaluation.evaluate_bbox(*coco)
+    cocoeval = evaluation.evaluate(*coco)
     assert evaluation.stats_dict(cocoeval)["AP"] == 0.5045806987249628
     paths = evaluation.plot_pr_curves(cocoeval, tmp_path / "plots")
     assert [p.name for p in paths] == ["pr_by_iou.png", "pr_by_size.png"]
@@ -197,3 +197,38 @@ def test_load_dets_accepts_numpy_scalars(coco):
              "bbox": np.asarray(d["bbox"], dtype=np.float32).tolist(), "score": np.float32(d["score"])}
     dt = evaluation.load_dets([entry], gt)
     assert len(dt.dataset["annotations"]) == 1 and dt.dataset["annotations"][0]["id"] == 1
+
+
+SEGM = VAL / "instances_val2014_fakesegm100_results.json"
+SEGM_PUBLISHED = {"AP": 0.320, "AP50": 0.562, "AP75": 0.299, "APs": 0.387, "APm": 0.310, "APl": 0.327,
+                  "AR1": 0.268, "AR10": 0.415, "AR100": 0.417, "ARs": 0.469, "ARm": 0.377, "ARl": 0.381}
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_segm_stats_match_published(backend):
+    """The COCO API's fakesegm100 check: segm AP 0.3195452758576433 (published_eval_results.txt), both backends."""
+    gt = load_gt(GT)
+    dt = evaluation.load_dets(SEGM, gt)
+    assert evaluation.has_masks(dt)
+    stats = evaluation.stats_dict(evaluation.evaluate(gt, dt, backend, iou_type="segm"))
+    assert stats["AP"] == pytest.approx(0.3195452758576433, abs=1e-12)
+    assert {k: round(v, 3) for k, v in stats.items()} == SEGM_PUBLISHED
+
+
+@pytest.mark.shared_data
+def test_eval_cli_detects_masks_and_refuses_segm_without_them(tmp_path):
+    from conftest import parse_json_stdout, run_cli
+
+    proc = run_cli("eval", "--gt", str(GT), "--dets", str(SEGM), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = parse_json_stdout(proc)
+    assert doc["segm"]["AP"] == pytest.approx(0.3195452758576433, abs=1e-12) and set(doc["bbox"]) == set(doc["segm"])
+    assert "segm" not in parse_json_stdout(run_cli("eval", "--gt", str(GT), "--dets", str(DETS), "--json"))
+    proc = run_cli("eval", "--gt", str(GT), "--dets", str(DETS), "--iou-type", "segm", "--json")
+    assert proc.returncode == 2 and "segm needs results with 'segmentation' masks" in proc.stderr
+    bad = json.loads(SEGM.read_text())[:3]
+    bad[1]["segmentation"] = {"size": [1, 1], "counts": "x"}
+    path = _write(tmp_path, "badmask.json", bad)
+    proc = run_cli("eval", "--gt", str(GT), "--dets", str(path), "--json")
+    assert proc.returncode == 2 and f"{path}: result [1]: 'segmentation' must be a COCO RLE" in proc.stderr

@@ -101,7 +101,7 @@ def error_analysis_command(
                 bar.update(task, description=label)
                 results = predict_with_replacement(detector, index, set(row), r.data.num_workers)
                 dets = evaluation.load_dets(results, index.coco, source=f"predictions ({label})")
-                stats = evaluation.stats_dict(evaluation.evaluate_bbox(index.coco, dets))
+                stats = evaluation.stats_dict(evaluation.evaluate(index.coco, dets))
                 doc["rows"].append({"replace": list(row), "label": label,
                                     "bbox": {k: stats[k] for k in AP_KEYS}})
                 bar.advance(task)

@@ -51,14 +51,16 @@ def eval_command(
     out: Annotated[Path | None, typer.Option("--out", help="Write COCO results JSON here (metrics next to it).")] = None,
     gt: Annotated[Path | None, typer.Option("--gt", help="Score an existing results file: ground-truth COCO JSON.")] = None,
     dets: Annotated[Path | None, typer.Option("--dets", help="With --gt: COCO results JSON to score.")] = None,
-    min_ap: Annotated[float | None, typer.Option("--min-ap", help="Exit 1 unless bbox AP >= this.")] = None,
+    min_ap: Annotated[float | None, typer.Option("--min-ap", help="Exit 1 unless bbox AP (segm AP with --iou-type segm) >= this.")] = None,
+    iou_type: Annotated[str, typer.Option(
+        "--iou-type", help="auto (bbox, and segm when the results carry masks), bbox or segm.")] = "auto",
     fd: Annotated[bool, typer.Option("--fd-rates", help="Add false-discovery rates (triplet paper Tables 1, 3).")] = False,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write precision-recall curves (PNG) into this folder.")] = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """COCO bbox AP of a checkpoint (RECIPE --checkpoint CKPT) or of a results file (--gt ANN --dets RESULTS)."""
+    """COCO AP (bbox; segm for masks) of a checkpoint (RECIPE --checkpoint CKPT) or a results file (--gt ANN --dets RESULTS)."""
 
     def body(o: Output) -> dict[str, Any]:
         from kpnet import evaluation
@@ -67,6 +69,8 @@ def eval_command(
         from kpnet.io import atomic_write_json
 
         doc: dict[str, Any] = {}
+        if iou_type not in ("auto", *evaluation.IOU_TYPES):
+            raise KpnetError("--iou-type", f"expected auto, {', '.join(evaluation.IOU_TYPES)}; got {iou_type!r}")
         if gt is not None or dets is not None:
             if gt is None or dets is None:
                 raise KpnetError("--gt/--dets", "give both --gt ANN and --dets RESULTS to score a results file")
@@ -83,9 +87,13 @@ def eval_command(
             coco_gt, results, results_path, info = _predict(o, recipe, checkpoint, overrides, split, flip, scales, out, device)
             coco_dt = evaluation.load_dets(results, coco_gt, source="predictions")
             doc.update(info)
-        cocoeval = evaluation.evaluate_bbox(coco_gt, coco_dt)
-        doc["bbox"] = evaluation.stats_dict(cocoeval)
-        o.print(stats_table("COCO bbox", doc["bbox"]))
+        types = ["bbox", "segm"] if iou_type == "auto" and evaluation.has_masks(coco_dt) else \
+            ["bbox"] if iou_type == "auto" else [iou_type]
+        evaluated = {kind: evaluation.evaluate(coco_gt, coco_dt, iou_type=kind) for kind in types}
+        for kind, cocoeval in evaluated.items():
+            doc[kind] = evaluation.stats_dict(cocoeval)
+            o.print(stats_table(f"COCO {kind}", doc[kind]))
+        cocoeval = evaluated[types[0]]
         if fd:
             doc["fd"] = evaluation.fd_rates(coco_gt, coco_dt)
             o.print(stats_table("false-discovery rates (IoU 0.05:0.05:0.5)", doc["fd"]))
@@ -98,7 +106,7 @@ def eval_command(
             doc["metrics_file"] = str(metrics_path)
             o.print(f"results: {results_path}\nmetrics: {metrics_path}")
         if min_ap is not None:
-            o.check(doc["bbox"]["AP"] >= min_ap, f"bbox AP {doc['bbox']['AP']:.4f} < --min-ap {min_ap}")
+            o.check(doc[types[0]]["AP"] >= min_ap, f"{types[0]} AP {doc[types[0]]['AP']:.4f} < --min-ap {min_ap}")
         return doc
 
     run(json_out, debug, body)
