@@ -148,6 +148,9 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Load a recipe YAML (following `extends:`), apply `key=value` overrides, validate, freeze."""
     path = Path(path)
@@ -186,7 +189,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_with_extends(path: Path, seen: tuple[Path, ...], root: Path) -> dict[str, Any]:
-    """A recipe merged over the chain it extends; every file of the chain lies in `root` (the first one's folder) or below."""
+    """A recipe merged over the chain it extends; each file it extends lies under `root` (the first
+    recipe's folder) or kpnet's shipped recipes/ folder."""
     resolved = path.resolve()
     if resolved in seen:
         raise KpnetError(path, "recipe `extends:` cycle")
@@ -196,8 +200,10 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...], root: Path) -> dict[s
         return data
     if not isinstance(parent, str):
         raise KpnetError(path, "`extends:` must be a path to another recipe")
-    if not (path.parent / parent).resolve().is_relative_to(root):
-        raise KpnetError(path, f"`extends: {parent}` leaves the recipe's folder {root}; copy the base recipe next to it")
+    target = (path.parent / parent).resolve()
+    if not (target.is_relative_to(root) or target.is_relative_to(SHIPPED_RECIPES)):
+        raise KpnetError(path, f"`extends: {parent}` leaves the recipe's folder {root} (and kpnet's recipes/); "
+                               "copy the base recipe next to it")
     base = _read_with_extends(path.parent / parent, seen + (resolved,), root)
     _deep_merge(base, data)
     return base

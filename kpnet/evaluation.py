@@ -8,12 +8,13 @@ detections, ties) has subtleties a hand-written matcher gets wrong.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import io
 import json
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,10 @@ FD_KEYS: tuple[str, ...] = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
 AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")  # COCOeval's areaRng order
 
+MAX_DETS = 100  # COCOeval's largest maxDets here: detections ranked below it per image and class never count
+MAX_PIXELS = 1e7  # a box coordinate or size beyond this is a unit or parsing error, not an image
+_CHUNK = 1 << 20
+_RESULTS_LIST = "a COCO results list [{image_id, category_id, bbox, score}, ...]"
 _FIX_HINT = "run `kpnet prepare-data coco --ann FILE --images DIR --fix OUT` to renumber the ids"
 
 
@@ -133,38 +138,141 @@ def load_gt(path: str | Path) -> COCO:
     return _coco_from_dict(data)
 
 
+def iter_json_list(path: str | Path, what: str = "a JSON list") -> Iterator[Any]:
+    """The items of a JSON file's top-level list, parsed one at a time (a file of any length in little memory);
+    any other JSON value is refused as not `what`."""
+    path = Path(path)
+    decoder = json.JSONDecoder()
+    try:
+        f = open(path, encoding="utf-8")  # noqa: SIM115 (closed below; the generator outlives a with block)
+    except (FileNotFoundError, IsADirectoryError):
+        read_json(path)  # raises the one-line error
+        raise
+    with f:
+        buf, pos, eof = "", 0, False
+        offset = lines = line_start = 0  # characters dropped from buf, the newlines among them, the last line's start
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof, offset, lines, line_start
+            if eof:
+                return False
+            try:
+                chunk = f.read(_CHUNK)
+            except UnicodeDecodeError:
+                raise KpnetError(path, "not a UTF-8 text file") from None
+            lines += buf.count("\n", 0, pos)
+            if (k := buf.rfind("\n", 0, pos)) >= 0:
+                line_start = offset + k + 1
+            offset += pos
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def malformed(e: json.JSONDecodeError | None, what: str) -> KpnetError:
+            at = e.pos if e is not None else pos
+            line = lines + buf.count("\n", 0, at) + 1
+            k = buf.rfind("\n", 0, at)
+            column = offset + at - (offset + k + 1 if k >= 0 else line_start) + 1
+            return KpnetError(path, f"malformed JSON at line {line} column {column}: {e.msg if e else what}")
+
+        def next_char() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return buf[pos] if pos < len(buf) else ""
+
+        if next_char() != "[":
+            f.close()
+            other = read_json(path)  # raises on malformed JSON
+            raise KpnetError(path, f"expected {what}, got {type(other).__name__}")
+        pos += 1
+        if next_char() == "]":
+            pos += 1
+        else:
+            while True:
+                next_char()
+                while True:
+                    try:
+                        item, end = decoder.raw_decode(buf, pos)
+                        if end < len(buf) or eof:
+                            break
+                    except json.JSONDecodeError as e:
+                        if eof:
+                            raise malformed(e, "") from None
+                    fill()
+                pos = end
+                yield item
+                sep = next_char()
+                if sep not in ",]":
+                    raise malformed(None, "Expecting ',' delimiter" if sep else "unexpected end of file")
+                pos += 1
+                if sep == "]":
+                    break
+        if next_char():
+            raise malformed(None, "Extra data")
+
+
+def _check_result(source: str | Path, i: int, d: Any, image_ids: set[int], cat_ids: set[int]) -> None:
+    where = f"result [{i}]"
+    if not isinstance(d, dict):
+        raise KpnetError(source, f"{where}: expected an object, got {type(d).__name__}")
+    for key in ("image_id", "category_id"):
+        if not _is_int(d.get(key)):
+            raise KpnetError(source, f"{where}: missing integer '{key}'")
+    score = d.get("score")
+    if not _is_number(score):
+        raise KpnetError(source, f"{where}: missing finite numeric 'score'")
+    if not 0 <= score <= 1:
+        raise KpnetError(source, f"{where}: score {score!r} is outside [0, 1]")
+    _check_box(source, where, d.get("bbox"))
+    if any(abs(v) > MAX_PIXELS for v in d["bbox"]):
+        raise KpnetError(source, f"{where}: 'bbox' {d['bbox']!r} reaches beyond {MAX_PIXELS:.0e} pixels")
+    if d["image_id"] not in image_ids:
+        raise KpnetError(source, f"{where}: image_id {d['image_id']} is not in the ground truth")
+    if d["category_id"] not in cat_ids:
+        raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
+
+
+def _best_per_image_and_class(image: np.ndarray, category: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
+    """Indices (ascending) of the `keep` best-scoring results of each (image, category), ties to the earlier."""
+    n = len(score)
+    _, group = np.unique(np.stack([image, category], axis=1), axis=0, return_inverse=True)
+    order = np.lexsort((np.arange(n), -score, group.ravel()))
+    sorted_group = group.ravel()[order]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.sort(order[rank < keep])
+
+
 def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
-    """COCO results (a JSON file or a list of dicts) as a COCO object over `gt`'s images; [] is valid."""
+    """COCO results (a JSON file, read as a stream, or a list of dicts) as a COCO object over `gt`'s images; [] is valid.
+
+    Only the MAX_DETS best results of each image and category are kept: COCOeval ranks them and
+    never looks further, so the scores are the same and a file of millions of results fits in memory.
+    """
+    entries: Iterable[Any]
     if isinstance(dets, (str, Path)):
         source = source or str(dets)
-        entries = read_json(dets)
+        entries = iter_json_list(dets, _RESULTS_LIST)
     else:
         source = source or "detections"
+        if not isinstance(dets, list):
+            raise KpnetError(source, f"expected {_RESULTS_LIST}, got {type(dets).__name__}")
         entries = dets
-    if not isinstance(entries, list):
-        raise KpnetError(source, f"expected a COCO results list [{{image_id, category_id, bbox, score}}, ...], "
-                                 f"got {type(entries).__name__}")
     image_ids = set(gt.getImgIds())
     cat_ids = set(gt.getCatIds())
-    annotations = []
+    ids, floats = array.array("q"), array.array("d")
     for i, d in enumerate(entries):
-        where = f"result [{i}]"
-        if not isinstance(d, dict):
-            raise KpnetError(source, f"{where}: expected an object, got {type(d).__name__}")
-        for key in ("image_id", "category_id"):
-            if not _is_int(d.get(key)):
-                raise KpnetError(source, f"{where}: missing integer '{key}'")
-        if not _is_number(d.get("score")):
-            raise KpnetError(source, f"{where}: missing finite numeric 'score'")
-        _check_box(source, where, d.get("bbox"))
-        if d["image_id"] not in image_ids:
-            raise KpnetError(source, f"{where}: image_id {d['image_id']} is not in the ground truth")
-        if d["category_id"] not in cat_ids:
-            raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
-        x, y, w, h = d["bbox"]
-        annotations.append({"id": i + 1, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
-                            "bbox": [float(x), float(y), float(w), float(h)], "area": float(w * h),
-                            "score": float(d["score"]), "iscrowd": 0})
+        _check_result(source, i, d, image_ids, cat_ids)
+        ids.extend((d["image_id"], d["category_id"]))
+        floats.extend((*d["bbox"], d["score"]))
+    pairs = np.frombuffer(ids, np.int64).reshape(-1, 2)
+    values = np.frombuffer(floats, np.float64).reshape(-1, 5)
+    keep = _best_per_image_and_class(pairs[:, 0], pairs[:, 1], values[:, 4], MAX_DETS) if len(pairs) else []
+    annotations = [{"id": int(i) + 1, "image_id": int(pairs[i, 0]), "category_id": int(pairs[i, 1]),
+                    "bbox": values[i, :4].tolist(), "area": float(values[i, 2] * values[i, 3]),
+                    "score": float(values[i, 4]), "iscrowd": 0} for i in keep]
     return _coco_from_dict({"images": list(gt.dataset["images"]),
                             "categories": list(gt.dataset["categories"]),
                             "annotations": annotations})

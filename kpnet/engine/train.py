@@ -212,7 +212,6 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
 
     metrics_path = out_dir / "metrics.jsonl"
     history = _read_history(metrics_path, start) if resume else []
-    atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     out_h = out_w = output_size(tr.input_size)
     t = recipe.targets
@@ -263,7 +262,8 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         save_checkpoint(ckpt_path, model, recipe, **state(it))
         saved = it
 
-    with open(metrics_path, "a", encoding="utf-8") as log:
+    with contextlib.ExitStack() as stack:
+        log = None
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             images = batch.pop("image").contiguous(memory_format=memory_format)
@@ -293,6 +293,9 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
                 last = {k: float(v.detach()) for k, v in losses.items()}
             scheduler.step()
             it += 1
+            if log is None:  # nothing is written before a step completes; then the rows past `start` go
+                atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+                log = stack.enter_context(open(metrics_path, "a", encoding="utf-8"))
             elapsed = time.perf_counter() - tic
             rate = (it - start) / elapsed if elapsed > 0 else 0.0
             if not bad and (it % tr.log_every == 0 or it == end):
