@@ -189,8 +189,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _read_with_extends(path: Path, seen: tuple[Path, ...], root: Path) -> dict[str, Any]:
-    """A recipe merged over the chain it extends; each file it extends lies under `root` (the first
-    recipe's folder) or kpnet's shipped recipes/ folder."""
+    """A recipe merged over the chain it extends, each under `root` (the first one's folder) or kpnet's recipes/."""
     resolved = path.resolve()
     if resolved in seen:
         raise KpnetError(path, "recipe `extends:` cycle")

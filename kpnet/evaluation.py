@@ -33,7 +33,9 @@ FD_KEYS: tuple[str, ...] = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
 AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")  # COCOeval's areaRng order
 
-MAX_DETS = 100  # COCOeval's largest maxDets here: detections ranked below it per image and class never count
+# COCOeval's largest maxDets here: a result ranked below it in its image and class never counts, so
+# keeping only the best MAX_DETS leaves every score as it is and a file of millions fits in memory.
+MAX_DETS = 100
 MAX_PIXELS = 1e7  # a box coordinate or size beyond this is a unit or parsing error, not an image
 _CHUNK = 1 << 20
 _RESULTS_LIST = "a COCO results list [{image_id, category_id, bbox, score}, ...]"
@@ -139,12 +141,11 @@ def load_gt(path: str | Path) -> COCO:
 
 
 def iter_json_list(path: str | Path, what: str = "a JSON list") -> Iterator[Any]:
-    """The items of a JSON file's top-level list, parsed one at a time (a file of any length in little memory);
-    any other JSON value is refused as not `what`."""
+    """The items of a JSON file's top-level list, parsed one at a time; any other JSON value is refused as not `what`."""
     path = Path(path)
     decoder = json.JSONDecoder()
     try:
-        f = open(path, encoding="utf-8")  # noqa: SIM115 (closed below; the generator outlives a with block)
+        f = open(path, encoding="utf-8")
     except (FileNotFoundError, IsADirectoryError):
         read_json(path)  # raises the one-line error
         raise
@@ -246,11 +247,7 @@ def _best_per_image_and_class(image: np.ndarray, category: np.ndarray, score: np
 
 
 def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
-    """COCO results (a JSON file, read as a stream, or a list of dicts) as a COCO object over `gt`'s images; [] is valid.
-
-    Only the MAX_DETS best results of each image and category are kept: COCOeval ranks them and
-    never looks further, so the scores are the same and a file of millions of results fits in memory.
-    """
+    """COCO results (a JSON file, streamed, or a list of dicts) over `gt`'s images: the MAX_DETS best per image and class."""
     entries: Iterable[Any]
     if isinstance(dets, (str, Path)):
         source = source or str(dets)

@@ -39,8 +39,7 @@ def write_error(path: Path, e: OSError, replaced: bool) -> KpnetError:
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], None], verify: Callable[[Path], None] | None = None) -> Path:
-    """Call `write(tmp_path)`, then `verify(tmp_path)` if given, and atomically rename the temporary
-    file to `path` (mode 0666 less the umask); disk errors become one-line `KpnetError`s."""
+    """`write(tmp)`, `verify(tmp)`, rename tmp over `path` (mode 0666 less the umask); disk errors are KpnetErrors."""
     path = Path(path)
     tmp_path: Path | None = None
     try:

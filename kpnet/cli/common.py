@@ -93,7 +93,7 @@ def run(json_out: bool, debug: bool, body: Callable[[Output], dict[str, Any] | N
         _fail(out, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               EXIT_INTERNAL, debug)
     finally:
-        if main:
+        if main and previous is not None:
             signal.signal(signal.SIGTERM, previous)
     if json_out:
         doc = dict(result or {})

@@ -21,8 +21,7 @@ FORMAT = "kpnet-checkpoint-1"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, recipe: Recipe, **state: Any) -> Path:
-    """Write model weights, the recipe and any training state (optimizer, iteration, ...) atomically;
-    the written file is read back (size, then its header) before it replaces the previous one."""
+    """Write weights, recipe and training state atomically; the file is read back (size, header) before it replaces the old."""
     doc = {"format": FORMAT, "kpnet_version": __version__, "recipe": recipe.to_dict(), "model": model.state_dict()}
     doc.update(state)
 
@@ -109,7 +108,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def resume_differences(stored: Recipe, current: Recipe) -> list[str]:
-    """`key: stored -> current` for every recipe key that differs and would change the resumed training (test.* never does)."""
+    """`key: stored -> current` for each recipe key that differs and would change the resumed training."""
     a, b = _flatten(stored.to_dict()), _flatten(current.to_dict())
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
             if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith("test.")]

@@ -153,14 +153,11 @@ def train(
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Train `recipe`, writing out_dir/{last.pt, metrics.jsonl, loss.png} under the folder's run lock; returns a summary.
-
-    Raises `Stopped` after SIGTERM/SIGINT; `--resume` (resume=True) refuses a recipe that differs
-    from the checkpoint's unless `force`.
-    """
+    """Train `recipe` into out_dir/{last.pt, metrics.jsonl, loss.png} under its run lock; `Stopped` on a signal."""
     out_dir = Path(out_dir)
     if recipe.train.on_nonfinite not in ("stop", "skip"):
-        raise KpnetError(recipe.source or None, f"train.on_nonfinite: expected stop or skip, got {recipe.train.on_nonfinite!r}")
+        raise KpnetError(recipe.source or None,
+                         f"train.on_nonfinite: expected stop or skip, got {recipe.train.on_nonfinite!r}")
     created = not out_dir.exists()
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
