@@ -32,11 +32,10 @@ from torch import Tensor, nn
 
 from kpnet.config import Recipe
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_index
-from kpnet import io
 from kpnet.engine.checkpoint import checkpoint_recipe, load_weights, read_checkpoint, resume_differences, save_checkpoint
 from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
-from kpnet.io import atomic_savefig, atomic_write_text, run_lock
+from kpnet.io import PENDING, atomic_savefig, atomic_write_text, run_lock, write_error
 from kpnet.models import build_model, family_of
 from kpnet.targets import output_size
 
@@ -67,7 +66,7 @@ def stop_on_signals() -> Iterator[list[int]]:
         if not received:
             received.append(signum)
             return
-        for tmp in list(io.PENDING):  # a checkpoint being written is dropped; last.pt stays as it was
+        for tmp in list(PENDING):  # a checkpoint being written is dropped; last.pt stays as it was
             with contextlib.suppress(OSError):
                 tmp.unlink()
         os.write(2, f"error: {signal.Signals(signum).name} again: exiting at once, the last checkpoint "
@@ -162,7 +161,7 @@ def train(
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise io.write_error(out_dir, e, False) from None
+        raise write_error(out_dir, e, False) from None
     try:
         with run_lock(out_dir), stop_on_signals() as received:
             return _train(recipe, out_dir, device, resume, progress or Progress(), force, received)
