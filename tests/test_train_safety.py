@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from conftest import REPO, parse_json_stdout, run_cli
+from kpnet.cli import app
 from kpnet.config import load_recipe
 from kpnet.engine import train as engine
 from kpnet.engine.checkpoint import read_checkpoint
@@ -239,7 +241,7 @@ def test_learning_rate_written_1e_minus_3_trains(shapes_small: Path, tmp_path: P
     proc = run_cli(*train_args(shapes_small, tmp_path / "run", "train.max_iterations=1", "train.lr=1e-3"), env=ENV)
     assert proc.returncode == 0, proc.stderr
     assert read_checkpoint(tmp_path / "run" / "last.pt")["recipe"]["train"]["lr"] == 1e-3
-    proc = run_cli(*train_args(shapes_small, tmp_path / "bad", "train.lr=abc"))
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: {QUICKSTART}: train.lr: expected a number, got 'abc'"]
+    res = CliRunner().invoke(app, train_args(shapes_small, tmp_path / "bad", "train.lr=abc"))
+    assert res.exit_code == 2
+    assert res.stderr.strip().splitlines() == [f"error: {QUICKSTART}: train.lr: expected a number, got 'abc'"]
     assert not (tmp_path / "bad").exists()
