@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -29,6 +30,7 @@ NmsMode = Literal["none", "soft_gaussian", "soft_linear", "hard"]  # REFERENCE �
 # CentripetalNet's central-region scale μ (REFERENCE §4.4): the official code (KD) uses 1/2.1 for boxes of area
 # <= 3500 input pixels and 1/2.4 above; the paper (§3.1) and mmdetection use the reverse values.
 CentripetalMu = Literal["official", "paper", "mmdetection"]
+NonFinite = Literal["stop", "skip"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,8 @@ class TrainConfig:
     log_every: int = 10  # iterations
     max_iterations: int = 0  # stop early after this many iterations (smoke runs); 0 = the full schedule
     seed: int = 317
+    on_nonfinite: NonFinite = "stop"  # a NaN/inf loss term: "stop" with an error, or "skip" the step
+    nonfinite_limit: int = 10  # with "skip": stop after this many non-finite steps in a row
 
 
 @dataclass(frozen=True)
@@ -162,10 +166,13 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Load a recipe YAML (following `extends:`), apply `key=value` overrides, validate, freeze."""
     path = Path(path)
-    raw = _read_with_extends(path, seen=())
+    raw = _read_with_extends(path, seen=(), root=path.resolve().parent)
     if overrides:
         items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
         for key, value in items:
@@ -199,7 +206,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_with_extends(path: Path, seen: tuple[Path, ...], root: Path) -> dict[str, Any]:
+    """A recipe merged over the chain it extends, each under `root` (the first one's folder) or kpnet's recipes/."""
     resolved = path.resolve()
     if resolved in seen:
         raise KpnetError(path, "recipe `extends:` cycle")
@@ -209,7 +217,11 @@ def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
         return data
     if not isinstance(parent, str):
         raise KpnetError(path, "`extends:` must be a path to another recipe")
-    base = _read_with_extends((path.parent / parent), seen + (resolved,))
+    target = (path.parent / parent).resolve()
+    if not (target.is_relative_to(root) or target.is_relative_to(SHIPPED_RECIPES)):
+        raise KpnetError(path, f"`extends: {parent}` leaves the recipe's folder {root} (and kpnet's recipes/); "
+                               "copy the base recipe next to it")
+    base = _read_with_extends(path.parent / parent, seen + (resolved,), root)
     _deep_merge(base, data)
     return base
 
@@ -258,6 +270,33 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     return cls(**kwargs)
 
 
+# Numbers as people write them; YAML 1.1 reads `1e-3` and `5E-4` (no dot) as strings.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# YAML 1.1's boolean words, in any case (a quoted "true" or `--set x=Yes` is still meant as one).
+_BOOLEANS = {w: True for w in ("true", "yes", "on", "y")} | {w: False for w in ("false", "no", "off", "n")}
+
+
+def _as_list(value: Any) -> list[Any]:
+    """A list value as written: a YAML list, `0.5,1` or `[0.5, 1]` as text, or a single value."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str) and "," in value:
+        text = value.strip()
+        if text[:1] + text[-1:] in ("[]", "()"):
+            text = text[1:-1]
+        return [_scalar(part) for part in text.split(",")]
+    return [value]
+
+
+def _scalar(text: str) -> Any:
+    """One item of a comma-separated list, read as YAML reads a scalar (text that is not YAML stays text)."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text.strip()
+    return text.strip() if isinstance(value, (dict, list)) or value is None else value
+
+
 def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, source, prefix=f"{key}.")
@@ -275,13 +314,13 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
                 continue
         raise KpnetError(source, f"{key}: {value!r} is not a valid {tp}")
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            value = [value]
         (item_type, *_rest) = typing.get_args(tp)
-        return tuple(_coerce(item_type, v, source, key) for v in value)
+        return tuple(_coerce(item_type, v, source, key) for v in _as_list(value))
     if origin is Literal:
         options = typing.get_args(tp)
-        if isinstance(value, str) and value in options:
+        if not isinstance(value, str):
+            raise KpnetError(source, f"{key}: expected a string, got {value!r}; valid values: {', '.join(options)}")
+        if value in options:
             return value
         close = difflib.get_close_matches(str(value), options, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}? " if close else ""
@@ -289,6 +328,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in _BOOLEANS:
+            return _BOOLEANS[value.strip().lower()]
         raise KpnetError(source, f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
@@ -296,6 +337,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         raise KpnetError(source, f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
             return float(value)
         raise KpnetError(source, f"{key}: expected a number, got {value!r}")
     if tp is str:

@@ -1,6 +1,7 @@
-"""COCO bbox scoring, the one place it lives: loading results with errors that name the culprit (ground
-truth comes through `kpnet.data.validate.load_gt`), the 12 COCO stats (pycocotools or faster-coco-eval, identical numbers), the
-triplet paper's false-discovery rates (Tables 1 and 3) and precision-recall plots.
+"""COCO scoring (bbox, and segm for instance masks), the one place it lives: loading results with errors
+that name the culprit (ground truth comes through `kpnet.data.validate.load_gt`), the 12 COCO stats
+(pycocotools or faster-coco-eval, identical numbers), the triplet paper's false-discovery rates (Tables
+1 and 3) and precision-recall plots.
 
 Both backends' COCOeval is used as is: its matching (crowd regions, area ranges, ignored
 detections, ties) has subtleties a hand-written matcher gets wrong.
@@ -8,10 +9,11 @@ detections, ties) has subtleties a hand-written matcher gets wrong.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +34,13 @@ FD_KEYS: tuple[str, ...] = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
 # Triplet paper (CenterNet: Keypoint Triplets) Tables 1/3: IoU 0.05:0.05:0.50, maxDets 100.
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
 AREA_LABELS: tuple[str, ...] = ("all", "small", "medium", "large")  # COCOeval's areaRng order
+
+# COCOeval's largest maxDets here: a result ranked below it in its image and class never counts, so
+# keeping only the best MAX_DETS leaves every score as it is and a file of millions fits in memory.
+MAX_DETS = 100
+MAX_PIXELS = 1e7  # a box coordinate or size beyond this is a unit or parsing error, not an image
+_CHUNK = 1 << 20
+_RESULTS_LIST = "a COCO results list [{image_id, category_id, bbox, score}, ...]"
 
 
 def _quiet(fn: Any, *args: Any) -> Any:
@@ -63,6 +72,80 @@ def _check_box(source: str | Path, where: str, bbox: Any) -> None:
         raise KpnetError(source, f"{where}: 'bbox' {bbox!r} has a negative width or height")
 
 
+def iter_json_list(path: str | Path, what: str = "a JSON list") -> Iterator[Any]:
+    """The items of a JSON file's top-level list, parsed one at a time; any other JSON value is refused as not `what`."""
+    path = Path(path)
+    decoder = json.JSONDecoder()
+    try:
+        f = open(path, encoding="utf-8")
+    except (FileNotFoundError, IsADirectoryError):
+        read_json(path)  # raises the one-line error
+        raise
+    with f:
+        buf, pos, eof = "", 0, False
+        offset = lines = line_start = 0  # characters dropped from buf, the newlines among them, the last line's start
+
+        def fill() -> bool:
+            nonlocal buf, pos, eof, offset, lines, line_start
+            if eof:
+                return False
+            try:
+                chunk = f.read(_CHUNK)
+            except UnicodeDecodeError:
+                raise KpnetError(path, "not a UTF-8 text file") from None
+            lines += buf.count("\n", 0, pos)
+            if (k := buf.rfind("\n", 0, pos)) >= 0:
+                line_start = offset + k + 1
+            offset += pos
+            buf, pos, eof = buf[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def malformed(e: json.JSONDecodeError | None, what: str) -> KpnetError:
+            at = e.pos if e is not None else pos
+            line = lines + buf.count("\n", 0, at) + 1
+            k = buf.rfind("\n", 0, at)
+            column = offset + at - (offset + k + 1 if k >= 0 else line_start) + 1
+            return KpnetError(path, f"malformed JSON at line {line} column {column}: {e.msg if e else what}")
+
+        def next_char() -> str:
+            nonlocal pos
+            while True:
+                while pos < len(buf) and buf[pos] in " \t\r\n":
+                    pos += 1
+                if pos < len(buf) or not fill():
+                    return buf[pos] if pos < len(buf) else ""
+
+        if next_char() != "[":
+            f.close()
+            other = read_json(path)  # raises on malformed JSON
+            raise KpnetError(path, f"expected {what}, got {type(other).__name__}")
+        pos += 1
+        if next_char() == "]":
+            pos += 1
+        else:
+            while True:
+                next_char()
+                while True:
+                    try:
+                        item, end = decoder.raw_decode(buf, pos)
+                        if end < len(buf) or eof:
+                            break
+                    except json.JSONDecodeError as e:
+                        if eof:
+                            raise malformed(e, "") from None
+                    fill()
+                pos = end
+                yield item
+                sep = next_char()
+                if sep not in ",]":
+                    raise malformed(None, "Expecting ',' delimiter" if sep else "unexpected end of file")
+                pos += 1
+                if sep == "]":
+                    break
+        if next_char():
+            raise malformed(None, "Extra data")
+
+
 def _mask_rle(source: str | Path, where: str, seg: Any, image: dict[str, Any]) -> dict[str, Any]:
     """A result's `segmentation` as a compressed COCO RLE of its image's size (what COCOeval's segm reads)."""
     from pycocotools import mask as mask_utils
@@ -74,52 +157,84 @@ def _mask_rle(source: str | Path, where: str, seg: Any, image: dict[str, Any]) -
     return mask_utils.frPyObjects(seg, *size) if isinstance(seg["counts"], list) else seg
 
 
+def _check_result(source: str | Path, i: int, d: Any, images: dict[int, Any], cat_ids: set[int]
+                  ) -> tuple[list[float], dict[str, Any] | None]:
+    """A result's box and, for an instance mask, its RLE (the box then defaults to the mask's, as `loadRes`)."""
+    where = f"result [{i}]"
+    if not isinstance(d, dict):
+        raise KpnetError(source, f"{where}: expected an object, got {type(d).__name__}")
+    for key in ("image_id", "category_id"):
+        if not is_int(d.get(key)):
+            raise KpnetError(source, f"{where}: missing integer '{key}'")
+    score = d.get("score")
+    if not is_number(score):
+        raise KpnetError(source, f"{where}: missing finite numeric 'score'")
+    if not 0 <= score <= 1:
+        raise KpnetError(source, f"{where}: score {score!r} is outside [0, 1]")
+    if d["image_id"] not in images:
+        raise KpnetError(source, f"{where}: image_id {d['image_id']} is not in the ground truth")
+    if d["category_id"] not in cat_ids:
+        raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
+    rle = None
+    box = d.get("bbox")
+    if "segmentation" in d:
+        from pycocotools import mask as mask_utils
+
+        rle = _mask_rle(source, where, d["segmentation"], images[d["image_id"]])
+        box = box if "bbox" in d else mask_utils.toBbox(rle).tolist()
+    _check_box(source, where, box)
+    if any(abs(v) > MAX_PIXELS for v in box):
+        raise KpnetError(source, f"{where}: 'bbox' {box!r} reaches beyond {MAX_PIXELS:.0e} pixels")
+    return box, rle
+
+
+def _best_per_image_and_class(image: np.ndarray, category: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
+    """Indices (ascending) of the `keep` best-scoring results of each (image, category), ties to the earlier."""
+    n = len(score)
+    _, group = np.unique(np.stack([image, category], axis=1), axis=0, return_inverse=True)
+    order = np.lexsort((np.arange(n), -score, group.ravel()))
+    sorted_group = group.ravel()[order]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    return np.sort(order[rank < keep])
+
+
 def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
-    """COCO results (a JSON file or a list of dicts) as a COCO object over `gt`'s images; [] is valid.
+    """COCO results (a JSON file, streamed, or a list of dicts) over `gt`'s images: the MAX_DETS best per image and class.
 
     A result with a `segmentation` (COCO RLE) is an instance mask: its area is the mask's, and its box, when
     absent, the mask's bounding box, as pycocotools' `loadRes` does.
     """
+    entries: Iterable[Any]
     if isinstance(dets, (str, Path)):
         source = source or str(dets)
-        entries = read_json(dets)
+        entries = iter_json_list(dets, _RESULTS_LIST)
     else:
         source = source or "detections"
+        if not isinstance(dets, list):
+            raise KpnetError(source, f"expected {_RESULTS_LIST}, got {type(dets).__name__}")
         entries = dets
-    if not isinstance(entries, list):
-        raise KpnetError(source, f"expected a COCO results list [{{image_id, category_id, bbox, score}}, ...], "
-                                 f"got {type(entries).__name__}")
-    image_ids = set(gt.getImgIds())
     cat_ids = set(gt.getCatIds())
-    annotations = []
+    ids, floats = array.array("q"), array.array("d")
+    masks: dict[int, dict[str, Any]] = {}
     for i, d in enumerate(entries):
-        where = f"result [{i}]"
-        if not isinstance(d, dict):
-            raise KpnetError(source, f"{where}: expected an object, got {type(d).__name__}")
-        for key in ("image_id", "category_id"):
-            if not is_int(d.get(key)):
-                raise KpnetError(source, f"{where}: missing integer '{key}'")
-        if not is_number(d.get("score")):
-            raise KpnetError(source, f"{where}: missing finite numeric 'score'")
-        if d["image_id"] not in image_ids:
-            raise KpnetError(source, f"{where}: image_id {d['image_id']} is not in the ground truth")
-        if d["category_id"] not in cat_ids:
-            raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
-        entry = {"id": i + 1, "image_id": int(d["image_id"]), "category_id": int(d["category_id"]),
-                 "score": float(d["score"]), "iscrowd": 0}
-        if "segmentation" in d:
-            from pycocotools import mask as mask_utils
+        box, rle = _check_result(source, i, d, gt.imgs, cat_ids)
+        if rle is not None:
+            masks[i] = rle
+        ids.extend((d["image_id"], d["category_id"]))
+        floats.extend((*box, d["score"]))
+    pairs = np.frombuffer(ids, np.int64).reshape(-1, 2)
+    values = np.frombuffer(floats, np.float64).reshape(-1, 5)
+    keep = _best_per_image_and_class(pairs[:, 0], pairs[:, 1], values[:, 4], MAX_DETS) if len(pairs) else []
+    annotations = [{"id": int(i) + 1, "image_id": int(pairs[i, 0]), "category_id": int(pairs[i, 1]),
+                    "bbox": values[i, :4].tolist(), "area": float(values[i, 2] * values[i, 3]),
+                    "score": float(values[i, 4]), "iscrowd": 0} for i in keep]
+    if masks:
+        from pycocotools import mask as mask_utils
 
-            rle = _mask_rle(source, where, d["segmentation"], gt.imgs[d["image_id"]])
-            box = d.get("bbox") if "bbox" in d else mask_utils.toBbox(rle).tolist()
-            entry.update(segmentation=rle, area=float(mask_utils.area(rle)))
-        else:
-            box = d.get("bbox")
-        _check_box(source, where, box)
-        x, y, w, h = box
-        entry["bbox"] = [float(x), float(y), float(w), float(h)]
-        entry.setdefault("area", float(w * h))
-        annotations.append(entry)
+        for ann in annotations:
+            if (rle := masks.get(ann["id"] - 1)) is not None:
+                ann.update(segmentation=rle, area=float(mask_utils.area(rle)))
     return coco_index({"images": list(gt.dataset["images"]),
                             "categories": list(gt.dataset["categories"]),
                             "annotations": annotations})

@@ -82,6 +82,7 @@ ENUM_FIELDS = {  # every enumerated recipe field -> a misspelt value
     "augment.crop": "centrenet",
     "test.nms": "gausian",
     "test.centripetal_mu": "oficial",
+    "train.on_nonfinite": "skipp",
 }
 
 

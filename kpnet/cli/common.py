@@ -3,13 +3,17 @@ the one place that turns results and errors into stdout, stderr and exit codes.
 
 Exit codes: 0 success; 1 a check the user asked for failed (e.g. `--min-ap`);
 2 bad input or usage (one line naming the file and the culprit); 3 an internal error
-(a bug: rerun with `--debug` for the traceback); 130 interrupted.
+(a bug: rerun with `--debug` for the traceback); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+A signal unwinds the command like an exception, so a file being written atomically is dropped
+and nothing partial is left; `kpnet train` instead stops after the current step (see `stopped`).
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -78,20 +82,35 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, default=_json_default)
 
 
+class Terminated(BaseException):
+    """SIGTERM arrived: unwinds like KeyboardInterrupt (temporary files are removed on the way)."""
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
 def run(json_out: bool, debug: bool, body: Callable[[Output], dict[str, Any] | None]) -> None:
     """Run a command body, emit its result and exit with the documented code."""
     out = Output(json=json_out, debug=debug)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if main else None
     try:
         result = body(out)
     except KpnetError as e:
         _fail(out, e.line(), e.exit_code, debug)
     except KeyboardInterrupt:
         _fail(out, "interrupted", 130, debug)
+    except Terminated:
+        _fail(out, "terminated (SIGTERM)", 143, debug)
     except typer.Exit:
         raise
     except Exception as e:  # an unexpected failure is a bug: say so in one line, code 3
         _fail(out, f"internal error: {type(e).__name__}: {e} (rerun with --debug for the traceback)",
               EXIT_INTERNAL, debug)
+    finally:
+        if main and previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if json_out:
         doc = dict(result or {})
         doc["checks_failed"] = out.failed_checks
@@ -101,6 +120,15 @@ def run(json_out: bool, debug: bool, body: Callable[[Output], dict[str, Any] | N
         for msg in out.failed_checks:
             out.err.print(f"check failed: {msg}", markup=False)
         raise typer.Exit(EXIT_CHECK)
+
+
+def stopped(out: Output, line: str, code: int, doc: dict[str, Any]) -> None:
+    """End a command that stopped early on purpose (a signal): one stderr line, `doc` under --json, exit `code`."""
+    out.err.print(line, markup=False, soft_wrap=True)
+    if out.json:
+        sys.stdout.write(dumps({**doc, "exit_code": code}) + "\n")
+        sys.stdout.flush()
+    raise typer.Exit(code)
 
 
 def _fail(out: Output, line: str, code: int, debug: bool) -> None:

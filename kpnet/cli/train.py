@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
+from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run, stopped
 
 
 def train_command(
@@ -15,12 +17,18 @@ def train_command(
     overrides: SetOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/last.pt where it stopped.")] = False,
+    force: Annotated[bool, typer.Option(
+        "--force", help="With --resume: continue even though the recipe differs from the checkpoint's.")] = False,
     device: DeviceOpt = "cpu",
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for weights, sample order and augmentation.")] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Train a recipe; writes last.pt, metrics.jsonl and loss.png into the run directory."""
+    """Train a recipe; writes last.pt, metrics.jsonl and loss.png into the run directory.
+
+    SIGTERM or Ctrl-C stops after the current step with last.pt written and the command that resumes
+    (exit 143 / 130); a second one exits at once. One run at a time per run directory.
+    """
 
     def body(o: Output) -> dict[str, Any]:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -68,17 +76,30 @@ def train_command(
                             soft_wrap=True)
                 plan["next_line"] = it + max(1, plan["total"] // 20)
 
+        halt = None
         try:
-            summary = engine.train(r, run_dir, device=device, resume=resume, progress=engine.Progress(start, step))
+            summary = engine.train(r, run_dir, device=device, resume=resume, progress=engine.Progress(start, step),
+                                   force=force)
+        except engine.Stopped as s:
+            halt = s
         finally:
             if live:
                 bar.stop()
+        if halt is not None:
+            command = resume_command(sys.argv[1:])
+            stopped(o, f"stopped at iteration {halt.iteration}; resume with: {command}", halt.exit_code,
+                    {"stopped": True, "iteration": halt.iteration, "checkpoint": str(halt.checkpoint), "resume": command})
         o.print(f"checkpoint: {summary['checkpoint']}  ({summary['iterations']} iterations, {summary['seconds']:.1f} s)")
         if summary["loss_plot"]:
             o.print(f"loss curve: {summary['loss_plot']}")
         return {"recipe": str(recipe), "name": r.name, **summary}
 
     run(json_out, debug, body)
+
+
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues this run: the same arguments with --resume."""
+    return "kpnet " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
 
 
 def register(app: typer.Typer) -> None:

@@ -99,6 +99,8 @@ def read_image(path: Path) -> np.ndarray:
     data = np.fromfile(str(path), np.uint8) if path.is_file() else None
     if data is None:
         raise KpnetError(path, "image file not found")
+    if data.size == 0:
+        raise KpnetError(path, "empty file (0 bytes), not an image")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise KpnetError(path, "cannot decode image (corrupt or not an image)")

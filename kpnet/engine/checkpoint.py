@@ -21,10 +21,29 @@ FORMAT = "kpnet-checkpoint-1"
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, recipe: Recipe, **state: Any) -> Path:
-    """Write model weights, the recipe and any training state (optimizer, iteration, ...) atomically."""
+    """Write weights, recipe and training state atomically; the file is read back (size, header) before it replaces the old."""
     doc = {"format": FORMAT, "kpnet_version": __version__, "recipe": recipe.to_dict(), "model": model.state_dict()}
     doc.update(state)
-    return atomic_torch_save(path, doc)
+
+    def verify(tmp: Path) -> None:
+        try:
+            back = _load(tmp, mmap=True)
+        except (pickle.UnpicklingError, *_UNREADABLE) as e:
+            raise KpnetError(path, f"the checkpoint just written does not read back ({type(e).__name__}); "
+                                   "the previous file is unchanged") from None
+        if not isinstance(back, dict) or back.get("format") != FORMAT or back.get("iteration") != state.get("iteration"):
+            raise KpnetError(path, "the checkpoint just written reads back different; the previous file is unchanged")
+
+    return atomic_torch_save(path, doc, verify)
+
+
+_UNREADABLE = (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError)
+
+
+def _load(path: Path, mmap: bool = False) -> Any:
+    with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them; the error says it
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -33,14 +52,12 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise KpnetError(path, "checkpoint not found")
     try:
-        with warnings.catch_warnings():  # torch warns about legacy pickles before refusing them; the error says it
-            warnings.simplefilter("ignore")
-            doc = torch.load(path, map_location="cpu", weights_only=True)
+        doc = _load(path)
     except pickle.UnpicklingError as e:
         culprit = re.search(r"(?:Unsupported global: GLOBAL|Unsupported class) ([\w.]+)", str(e))
         what = f" ({culprit.group(1)})" if culprit else ""
         raise KpnetError(path, f"refusing to load: the checkpoint holds pickled objects other than tensors{what}") from None
-    except (zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+    except _UNREADABLE as e:
         raise KpnetError(path, f"not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise KpnetError(path, "not a kpnet checkpoint (no kpnet format marker)")
@@ -71,3 +88,27 @@ def load_weights(model: nn.Module, doc: dict[str, Any], path: str | Path) -> Non
 def checkpoint_recipe(doc: dict[str, Any], path: str | Path) -> Recipe:
     """The recipe stored in a checkpoint."""
     return recipe_from_dict(doc["recipe"], source=str(path))
+
+
+# Keys that may change between a run and its --resume without changing what is trained.
+RESUMABLE_KEYS = frozenset({
+    "source", "data.num_workers", "train.log_every", "train.checkpoint_every", "train.max_iterations",
+    "train.on_nonfinite", "train.nonfinite_limit",
+})
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def resume_differences(stored: Recipe, current: Recipe) -> list[str]:
+    """`key: stored -> current` for each recipe key that differs and would change the resumed training."""
+    a, b = _flatten(stored.to_dict()), _flatten(current.to_dict())
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+            if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS and not k.startswith("test.")]

@@ -5,16 +5,24 @@ and a loss-curve PNG.
 Resume is exact because nothing random lives outside the checkpoint: the sample order and
 every augmentation draw are functions of (seed, epoch, index), and model, optimizer and
 scheduler state are saved with the iteration number.
+
+A run holds its folder's lock (`kpnet.io.run_lock`). SIGTERM or SIGINT finishes the current step,
+writes last.pt and raises `Stopped`; a second one exits at once, leaving last.pt as it was. A
+non-finite loss term stops the run (or, with `train.on_nonfinite: skip`, drops the step) before
+anything is written over the last good checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,11 +32,11 @@ from torch import Tensor, nn
 
 from kpnet.config import Recipe
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
-from kpnet.engine.checkpoint import load_weights, read_checkpoint, save_checkpoint
+from kpnet.detectors.base import TargetRenderer
+from kpnet.engine.checkpoint import checkpoint_recipe, load_weights, read_checkpoint, resume_differences, save_checkpoint
 from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
-from kpnet.io import atomic_savefig, atomic_write_text
-from kpnet.detectors.base import TargetRenderer
+from kpnet.io import PENDING, atomic_savefig, atomic_write_text, run_lock, write_error
 from kpnet.models import build_detector
 from kpnet.targets import output_size
 
@@ -39,6 +47,55 @@ class Progress:
 
     start: Callable[[int, int], None] = lambda start, total: None
     step: Callable[[int, dict[str, float], float], None] = lambda it, losses, its_per_s: None
+
+
+class Stopped(Exception):
+    """Training stopped on a signal after writing `checkpoint` at `iteration`; the exit code is 128 + signal."""
+
+    def __init__(self, signum: int, iteration: int, checkpoint: Path) -> None:
+        self.signum, self.iteration, self.checkpoint = signum, iteration, checkpoint
+        self.exit_code = 128 + signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} at iteration {iteration}")
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """SIGTERM and SIGINT append to the yielded list (read between steps); a second one exits at once."""
+    received: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if not received:
+            received.append(signum)
+            return
+        for tmp in list(PENDING):  # a checkpoint being written is dropped; last.pt stays as it was
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        os.write(2, f"error: {signal.Signals(signum).name} again: exiting at once, the last checkpoint "
+                    "is left as it was\n".encode())
+        os._exit(128 + signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops after the current step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def nonfinite_terms(losses: dict[str, Tensor]) -> list[str]:
+    """Names of the non-finite loss terms, the components before the total `loss`."""
+    finite = torch.stack([v.detach().float() for v in losses.values()]).isfinite().tolist()
+    bad = [k for k, ok in zip(losses, finite, strict=True) if not ok]
+    return sorted(bad, key=lambda k: k == "loss")
 
 
 def lr_factor(it: int, warmup: int, steps: list[int]) -> float:
@@ -75,10 +132,26 @@ def train(
     device: str = "cpu",
     resume: bool = False,
     progress: Progress | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Train `recipe`, writing out_dir/{last.pt, metrics.jsonl, loss.png}; returns a summary."""
-    progress = progress or Progress()
+    """Train `recipe` into out_dir/{last.pt, metrics.jsonl, loss.png} under its run lock; `Stopped` on a signal."""
     out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(out_dir, e, False) from None
+    try:
+        with run_lock(out_dir), stop_on_signals() as received:
+            return _train(recipe, out_dir, device, resume, progress or Progress(), force, received)
+    finally:
+        if created:  # a run that failed before writing anything leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+
+
+def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: Progress, force: bool,
+           received: list[int]) -> dict[str, Any]:
     tr = recipe.train
     if device == "cuda" and not torch.cuda.is_available():
         raise KpnetError("--device", "cuda requested but no CUDA device is available")
@@ -99,16 +172,19 @@ def train(
     ckpt_path = out_dir / "last.pt"
     if resume:
         doc = read_checkpoint(ckpt_path)
+        differences = resume_differences(checkpoint_recipe(doc, ckpt_path), recipe)
+        if differences and not force:
+            more = f" (+{len(differences) - 5} more)" if len(differences) > 5 else ""
+            raise KpnetError(ckpt_path, f"--resume with a recipe that differs from the checkpoint's: "
+                                        f"{'; '.join(differences[:5])}{more}; resume with the same recipe, or add --force")
         load_weights(model, doc, ckpt_path)
         optimizer.load_state_dict(doc["optimizer"])
         scheduler.load_state_dict(doc["scheduler"])
         start = int(doc["iteration"])
     end = min(total, tr.max_iterations) if tr.max_iterations > 0 else total
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     metrics_path = out_dir / "metrics.jsonl"
     history = _read_history(metrics_path, start) if resume else []
-    atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
 
     out_h = out_w = output_size(tr.input_size)
     encode = functools.partial(encode_input_boxes, detector.target_renderer(), out_h / tr.input_size, (out_h, out_w))
@@ -120,7 +196,7 @@ def train(
     workers = recipe.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate, persistent_workers=False,
-        prefetch_factor=4 if workers > 0 else None,
+        prefetch_factor=4 if workers > 0 else None, worker_init_fn=_ignore_signals if workers > 0 else None,
     )
     use_amp, amp_dtype = mixed_precision(tr.amp, device)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp and amp_dtype == torch.float16)
@@ -141,38 +217,69 @@ def train(
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     model.train()
     progress.start(start, end)
-    it = start
+    it = saved = start
     tic = time.perf_counter()
     last: dict[str, float] = {}
-    with open(metrics_path, "a", encoding="utf-8") as log:
+    counts = {"amp_skipped": 0, "nonfinite_skipped": 0}
+    in_a_row = 0
+
+    def checkpoint() -> None:
+        nonlocal saved
+        if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            raise KpnetError(recipe.source or None, f"the weights became non-finite by iteration {it}; "
+                                                    f"{_kept(ckpt_path, saved, start)}")
+        save_checkpoint(ckpt_path, model, recipe, **state(it))
+        saved = it
+
+    with contextlib.ExitStack() as stack:
+        log = None
         for batch in loader:
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             images = batch.pop("image").contiguous(memory_format=memory_format)
             with torch.autocast(device_type=device, dtype=amp_dtype, enabled=use_amp):
                 outputs = model(images)
             losses = chunked_loss(loss_fn, outputs, batch, recipe.loss.chunk_size)
-            if not torch.isfinite(losses["loss"]):
-                raise KpnetError(recipe.source or None, f"loss became {losses['loss'].item()} at iteration {it + 1}; lower train.lr or set train.grad_clip")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            if tr.grad_clip > 0:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            bad = nonfinite_terms(losses)
+            if bad:
+                in_a_row += 1
+                if tr.on_nonfinite == "stop" or in_a_row >= tr.nonfinite_limit:
+                    streak = f" ({in_a_row} steps in a row)" if tr.on_nonfinite == "skip" else ""
+                    raise KpnetError(recipe.source or None, f"loss term {bad[0]} became {losses[bad[0]].item()} at "
+                                                            f"iteration {it + 1}{streak}; {_kept(ckpt_path, saved, start)}; "
+                                                            "lower train.lr or set train.grad_clip")
+                counts["nonfinite_skipped"] += 1
+            else:
+                in_a_row = 0
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["loss"]).backward()
+                if tr.grad_clip > 0:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+                scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+                scaler.step(optimizer)
+                scaler.update()
+                counts["amp_skipped"] += scaler.is_enabled() and scaler.get_scale() < scale  # an overflow skipped the step
+                last = {k: float(v.detach()) for k, v in losses.items()}
             scheduler.step()
             it += 1
-            last = {k: float(v.detach()) for k, v in losses.items()}
+            if log is None:  # nothing is written before a step completes; then the rows past `start` go
+                atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+                log = stack.enter_context(open(metrics_path, "a", encoding="utf-8"))
             elapsed = time.perf_counter() - tic
             rate = (it - start) / elapsed if elapsed > 0 else 0.0
-            if it % tr.log_every == 0 or it == end:
-                log.write(json.dumps({"iteration": it, "lr": scheduler.get_last_lr()[0], **last}) + "\n")
+            if not bad and (it % tr.log_every == 0 or it == end):
+                extra = {k: v for k, v in counts.items() if v}
+                log.write(json.dumps({"iteration": it, "lr": scheduler.get_last_lr()[0], **last, **extra}) + "\n")
                 log.flush()
             progress.step(it, last, rate)
             if it % tr.checkpoint_every == 0 or it == end:
-                save_checkpoint(ckpt_path, model, recipe, **state(it))
+                checkpoint()
+            if received and it < end:
+                if saved != it:
+                    checkpoint()
+                raise Stopped(received[0], it, ckpt_path)
     if it == start and not ckpt_path.exists():
-        save_checkpoint(ckpt_path, model, recipe, **state(it))
+        checkpoint()
     plot = plot_losses(metrics_path, out_dir / "loss.png")
     return {
         "run_dir": str(out_dir),
@@ -184,9 +291,17 @@ def train(
         "start_iteration": start,
         "seconds": round(time.perf_counter() - tic, 3),
         "final_losses": last,
+        **counts,
         "train_images": len(index.image_ids),
         "dropped_boxes": index.dropped_boxes,
     }
+
+
+def _kept(ckpt_path: Path, saved: int, start: int) -> str:
+    """What is left on disk when a run stops on a non-finite value."""
+    if saved == start and not ckpt_path.exists():
+        return "no checkpoint was written"
+    return f"{ckpt_path} (iteration {saved}) is kept as the last good checkpoint"
 
 
 def encode_input_boxes(render: TargetRenderer, ratio: float, out_hw: tuple[int, int], boxes: Any, classes: Any) -> dict[str, Any]:
