@@ -39,7 +39,8 @@ class CupyPath:
 
     device: torch.device
     cupy: ModuleType | None
-    stream_handle: int = 0  # the stand-in's answer for torch's current stream
+    device_index: int = 0  # the stand-in's answers for a host tensor's device index and torch's current stream
+    stream_handle: int = 0
 
     def three_ways(self, monkeypatch: pytest.MonkeyPatch, fn: Callable[..., Any], *tensors: torch.Tensor) -> list[Any]:
         """fn's outputs, on the CPU, from the PyTorch reference and the emulator (CPU tensors) and from the CuPy
@@ -87,12 +88,12 @@ def standin(monkeypatch: pytest.MonkeyPatch) -> Iterator[CupyPath]:
 
         def choose_host_as_device(device: torch.device, has_kernel: bool = True) -> dispatch.Choice:
             if device.type == "cpu" and dispatch.mode() in ("auto", "cuda"):
-                device = torch.device("cuda", cupy.cuda.Device().id)
+                device = torch.device("cuda", path.device_index)
             return choose(device, has_kernel)
 
         monkeypatch.setattr(dispatch, "choose", choose_host_as_device)
         monkeypatch.setattr(cupy_backend, "_device_index",
-                            lambda d: cupy.cuda.Device().id if d.type == "cpu" else device_index(d))
+                            lambda d: path.device_index if d.type == "cpu" else device_index(d))
         monkeypatch.setattr(cupy_backend, "_stream", lambda d: path.stream_handle if d.type == "cpu" else stream(d))
         yield path
     finally:

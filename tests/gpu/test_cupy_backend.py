@@ -66,17 +66,18 @@ def test_an_edited_header_builds_a_new_cubin(standin, monkeypatch, tmp_path):
 
 
 def test_functions_are_looked_up_once_per_device(standin, monkeypatch):
-    """Repeated launches reuse one module per source and one function per name on each device; a launch on device
-    1 uses device 1's (the stand-in refuses a function launched on another device than its own)."""
+    """Repeated launches reuse one module per source and one function per name on each device; tensors on device 1
+    while device 0 is current use device 1's (the stand-in refuses a function looked up, or launched, on another
+    device than its module's)."""
     monkeypatch.setenv("KPNET_KERNELS", "cuda")
     monkeypatch.setattr(standin.cupy.cuda.runtime, "DEVICE_COUNT", 2)
     x = torch.randn(1, 2, 9, 8)
     for device in (0, 1, 0, 1):
-        with standin.cupy.cuda.Device(device):
-            for _ in range(3):
-                corner_pool(x, "left")
-                line_max(x, 2)
-                heatmap_peaks(x.sigmoid(), 5)
+        standin.device_index = device
+        for _ in range(3):
+            corner_pool(x, "left")
+            line_max(x, 2)
+            heatmap_peaks(x.sigmoid(), 5)
     log = standin.cupy.log
     assert sorted(log.lookups) == sorted(set(log.lookups))
     assert {name for name, _ in log.lookups} == {"corner_pool_forward_f32", "line_max_forward_f32",
