@@ -10,6 +10,7 @@ import torch
 
 from kpnet.cuda import dispatch, emulator
 from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks, line_max, soft_nms, soft_nms_merge
+from kernel_cases import bits_equal, corners, nms_inputs
 
 _EMULATOR = dispatch.emulator_status()
 pytestmark = pytest.mark.skipif(not _EMULATOR[0], reason=f"the emulator cannot be built here: {_EMULATOR[1]}")
@@ -31,13 +32,6 @@ def _pool_run(op, x, arg, seed=0):
         y.backward(g)
         return y.detach(), xx.grad
     return fn
-
-
-def _bits_equal(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.view(torch.int8 if a.element_size() == 1 else {2: torch.int16, 4: torch.int32,
-                                                                         8: torch.int64}[a.element_size()]),
-                       b.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]))
 
 
 def _pool_inputs():
@@ -97,8 +91,8 @@ def test_corner_pool_bit_identical(monkeypatch, stores, name):
     x = _pool_inputs()[name]
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
+        bits_equal(y_ref, y_emu)
+        bits_equal(g_ref, g_emu)
 
 
 @pytest.mark.parametrize("name", list(_pool_inputs()))
@@ -106,8 +100,8 @@ def test_line_max_bit_identical(monkeypatch, name):
     x = _pool_inputs()[name]
     for dim in (2, 3):
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(line_max, x, dim))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
+        bits_equal(y_ref, y_emu)
+        bits_equal(g_ref, g_emu)
 
 
 def test_host_cache_bytes_reads_the_last_level(tmp_path):
@@ -133,7 +127,7 @@ def test_corner_pool_nan_and_inf_gradients_bit_identical(monkeypatch, specials):
         torch.int32)
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, lambda: _grad_of(x, direction, grad))
-        _bits_equal(g_ref, g_emu)
+        bits_equal(g_ref, g_emu)
         assert g_ref.isnan().any()
 
 
@@ -145,8 +139,8 @@ def test_corner_pool_every_16bit_pattern_bit_identical(monkeypatch, dtype):
     x = bits[perm].view(dtype).reshape(1, 4, 128, 128)
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
+        bits_equal(y_ref, y_emu)
+        bits_equal(g_ref, g_emu)
 
 
 def test_emulator_launches_from_two_threads(monkeypatch):
@@ -169,8 +163,8 @@ def test_emulator_launches_from_two_threads(monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(run, range(8)))
     for (y, gi), (y_want, g_want) in zip(got, want):
-        _bits_equal(y, y_want)
-        _bits_equal(gi, g_want)
+        bits_equal(y, y_want)
+        bits_equal(gi, g_want)
 
 
 def test_tie_rule_gradient_goes_to_latest_scanned(monkeypatch):
@@ -195,10 +189,10 @@ def test_corner_pool_negative_zero_gradient(monkeypatch):
     grad = torch.full(x.shape, -0.0)
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, lambda: _grad_of(x, direction, grad))
-        _bits_equal(g_ref, g_emu)
+        bits_equal(g_ref, g_emu)
         assert not torch.signbit(g_ref).any()
         for lanes in (1, 3):
-            _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), g_ref)
+            bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), g_ref)
 
 
 def _grad_of(x, direction, grad):
@@ -245,21 +239,12 @@ def test_heatmap_peaks_semantics():
     assert (classes.tolist(), ys.tolist(), xs.tolist()) == ([[1, 0, 0]], [[2, 0, 0]], [[3, 0, 1]])
 
 
-def _corners(k, seed, scale=40.0, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.rand(2, k, generator=g)
-    c = torch.randint(0, classes, (2, k), generator=g)
-    x = (torch.rand(2, k, generator=g) * scale).round()  # integer coordinates: exact ties on the box tests
-    y = (torch.rand(2, k, generator=g) * scale).round()
-    return s, c, x, y
-
-
 @pytest.mark.parametrize("mode", ["ae", "centripetal"])
 @pytest.mark.parametrize("allow_zero_size", [True, False])
 def test_group_corners_identical(monkeypatch, mode, allow_zero_size):
-    tl = _corners(30, 1)
-    br = _corners(25, 2)
-    br = (br[0], br[1], br[2] + 20, br[3] + 20)
+    tl = corners(30, 1)
+    br = corners(25, 2)
+    br[2], br[3] = br[2] + 20, br[3] + 20
     g = torch.Generator().manual_seed(7)
     if mode == "ae":
         extra = dict(tl_embed=torch.rand(2, 30, generator=g), br_embed=torch.rand(2, 25, generator=g), ae_threshold=0.5)
@@ -270,7 +255,7 @@ def test_group_corners_identical(monkeypatch, mode, allow_zero_size):
     ref, emu = _both(monkeypatch, lambda: group_corners(*tl, *br, mode=mode, allow_zero_size=allow_zero_size,
                                                         num_dets=300, **extra))
     for a, b in zip(ref, emu):
-        _bits_equal(a, b)
+        bits_equal(a, b)
     assert (ref.scores > -1).any() and (ref.scores == -1).any()
 
 
@@ -304,38 +289,29 @@ def test_group_corners_needs_the_recipes_values(mode, drop, message):
         group_corners(one, one.long(), one, one, one, one.long(), one * 2, one * 2, mode=mode, **given)
 
 
-def _nms_inputs(n=300, seed=11):
-    g = torch.Generator().manual_seed(seed)
-    xy = (torch.rand(n, 2, generator=g) * 100).round()
-    wh = (torch.rand(n, 2, generator=g) * 40).round()
-    scores = torch.rand(n, generator=g)
-    scores[:5] = scores[5]  # exact ties
-    return torch.cat([xy, xy + wh], 1), scores, torch.randint(0, 6, (n,), generator=g)
-
-
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("plus_one", [True, False])
 def test_soft_nms_identical(monkeypatch, method, plus_one):
-    boxes, scores, classes = _nms_inputs()
+    boxes, scores, classes = nms_inputs()
     (k_ref, s_ref), (k_emu, s_emu) = _both(
         monkeypatch, lambda: soft_nms(boxes, scores, classes, method=method, sigma=0.5, iou_threshold=0.5,
                                       plus_one=plus_one))
     assert torch.equal(k_ref, k_emu)
-    _bits_equal(s_ref, s_emu)
+    bits_equal(s_ref, s_emu)
     assert len(set(k_ref.tolist())) == len(k_ref)  # keep honoured: no stale duplicate rows
     if method != "linear":  # linear decay rarely drops a score below 0.001
         assert len(k_ref) < len(scores)
 
 
 def test_soft_nms_merge_identical(monkeypatch):
-    boxes, scores, classes = _nms_inputs(seed=12)
+    boxes, scores, classes = nms_inputs(seed=12)
     tl, br = scores.roll(1), scores.roll(2)
     (k_ref, s_ref, b_ref), (k_emu, s_emu, b_emu) = _both(
         monkeypatch, lambda: soft_nms_merge(boxes, scores, classes, tl, br, method="gaussian", sigma=0.5,
                                             iou_threshold=0.5, weight_exp=10))
     assert torch.equal(k_ref, k_emu)
-    _bits_equal(s_ref, s_emu)
-    _bits_equal(b_ref, b_emu)
+    bits_equal(s_ref, s_emu)
+    bits_equal(b_ref, b_emu)
     assert not torch.equal(b_ref, boxes[k_ref])  # merging moved some boxes
 
 
@@ -392,10 +368,10 @@ def test_pooling_gpu_thread_layout_bit_identical(lanes):
             acc = torch.zeros(x.shape, dtype=torch.float64).scatter_add_(
                 dim, indices, (grad.flip(dim) if reverse else grad).double())
             want_grad = (acc.flip(dim) if reverse else acc).float()
-            _bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
-            _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
+            bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
+            bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
         for dim in (2, 3):
-            _bits_equal(launch.line_max_forward(x, dim, "emulate", lanes=lanes),
+            bits_equal(launch.line_max_forward(x, dim, "emulate", lanes=lanes),
                         x.amax(dim, keepdim=True).expand(x.shape))
 
 
@@ -417,8 +393,8 @@ def test_pooling_threads_of_whole_planes_bit_identical(planes):
                                                                      (grad.flip(dim) if reverse else grad).double())
         want_grad = (acc.flip(dim) if reverse else acc).float()
         lanes = planes * x.shape[3]
-        _bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
-        _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
+        bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
+        bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
 
 
 @pytest.mark.parametrize("k", [1, 5, 40])

@@ -12,14 +12,9 @@ import pytest
 import torch
 
 from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks, line_max, soft_nms, soft_nms_merge
+from kernel_cases import bits_equal, corners, nms_inputs
 
 POOL_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-_INT_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def bits_equal(a: torch.Tensor, b: torch.Tensor) -> None:
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.contiguous().view(_INT_VIEW[a.element_size()]), b.contiguous().view(_INT_VIEW[b.element_size()]))
 
 
 def all_bits_equal(ref, emu, cupy) -> None:
@@ -90,16 +85,10 @@ def test_peaks_bit_identical(cupy_path, monkeypatch, name, k):
     all_bits_equal(*cupy_path.three_ways(monkeypatch, lambda h: heatmap_peaks(h, k), _heats()[name]))
 
 
-def _corners(k: int, seed: int, scale: float = 40.0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.rand(2, k, generator=g), torch.randint(0, 3, (2, k), generator=g),
-            (torch.rand(2, k, generator=g) * scale).round(), (torch.rand(2, k, generator=g) * scale).round()]
-
-
 @pytest.mark.parametrize("mode", ["ae", "centripetal"])
 @pytest.mark.parametrize("allow_zero_size", [True, False])
 def test_grouping_identical(cupy_path, monkeypatch, mode, allow_zero_size):
-    tl, br = _corners(30, 1), _corners(25, 2)
+    tl, br = corners(30, 1), corners(25, 2)
     br[2], br[3] = br[2] + 20, br[3] + 20
     g = torch.Generator().manual_seed(7)
     if mode == "ae":
@@ -121,24 +110,15 @@ def test_grouping_identical(cupy_path, monkeypatch, mode, allow_zero_size):
     assert (ref.scores > -1).any() and (ref.scores == -1).any()
 
 
-def _boxes(n: int = 300, seed: int = 11):
-    g = torch.Generator().manual_seed(seed)
-    xy = (torch.rand(n, 2, generator=g) * 100).round()
-    wh = (torch.rand(n, 2, generator=g) * 40).round()
-    scores = torch.rand(n, generator=g)
-    scores[:5] = scores[5]  # exact ties
-    return torch.cat([xy, xy + wh], 1), scores, torch.randint(0, 6, (n,), generator=g)
-
-
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 def test_soft_nms_identical(cupy_path, monkeypatch, method):
     fn = lambda b, s, c: soft_nms(b, s, c, method=method, sigma=0.5, iou_threshold=0.5)
-    ref, emu, cupy = cupy_path.three_ways(monkeypatch, fn, *_boxes())
+    ref, emu, cupy = cupy_path.three_ways(monkeypatch, fn, *nms_inputs())
     all_bits_equal(ref, emu, cupy)
 
 
 def test_soft_nms_merge_identical(cupy_path, monkeypatch):
-    boxes, scores, classes = _boxes(seed=12)
+    boxes, scores, classes = nms_inputs(seed=12)
     fn = lambda b, s, c, tl, br: soft_nms_merge(b, s, c, tl, br, method="gaussian", sigma=0.5, iou_threshold=0.5,
                                                 weight_exp=10)
     ref, emu, cupy = cupy_path.three_ways(monkeypatch, fn, boxes, scores, classes, scores.roll(1), scores.roll(2))
@@ -146,14 +126,20 @@ def test_soft_nms_merge_identical(cupy_path, monkeypatch):
     assert not torch.equal(ref[2], boxes[ref[0]])  # merging moved some boxes
 
 
-def test_launches_on_a_non_default_stream(cupy_path, monkeypatch):
-    """Kernels run on PyTorch's current stream: on a device, a fresh stream's results match the reference; on the
-    stand-in, every launch names the stream torch reported."""
+def _reference_run(monkeypatch, direction: str):
+    """(input, gradient, the run, its reference outputs) of one float32 corner pooling; KPNET_KERNELS=cuda after."""
     x, grad = pool_input("ties_nan", torch.float32)
-    run = forward_backward(corner_pool, "top")
+    run = forward_backward(corner_pool, direction)
     monkeypatch.setenv("KPNET_KERNELS", "torch")
     want = run(x, grad)
     monkeypatch.setenv("KPNET_KERNELS", "cuda")
+    return x, grad, run, [t.detach() for t in want]
+
+
+def test_launches_on_a_non_default_stream(cupy_path, monkeypatch):
+    """Kernels run on PyTorch's current stream: on a device, a fresh stream's results match the reference; on the
+    stand-in, every launch names the stream torch reported."""
+    x, grad, run, want = _reference_run(monkeypatch, "top")
     if cupy_path.cupy is not None:
         cupy_path.stream_handle = 0x5EED
         got = run(x, grad)
@@ -166,17 +152,13 @@ def test_launches_on_a_non_default_stream(cupy_path, monkeypatch):
             got = run(xd, gd)
         stream.synchronize()
     for a, b in zip(want, got):
-        bits_equal(a.detach(), b.detach().cpu())
+        bits_equal(a, b.detach().cpu())
 
 
 def test_second_device(cupy_path, monkeypatch):
     """On cuda:1 (two devices needed; the stand-in plays two): modules and functions are loaded there, launches run
     there, results match the reference."""
-    x, grad = pool_input("ties_nan", torch.float32)
-    run = forward_backward(corner_pool, "left")
-    monkeypatch.setenv("KPNET_KERNELS", "torch")
-    want = run(x, grad)
-    monkeypatch.setenv("KPNET_KERNELS", "cuda")
+    x, grad, run, want = _reference_run(monkeypatch, "left")
     if cupy_path.cupy is not None:
         monkeypatch.setattr(cupy_path.cupy.cuda.runtime, "DEVICE_COUNT", 2)
         cupy_path.device_index = 1  # the tensors' device; device 0 stays current
@@ -188,7 +170,7 @@ def test_second_device(cupy_path, monkeypatch):
             pytest.skip("needs two CUDA devices")
         got = run(x.to("cuda:1"), grad.to("cuda:1"))
     for a, b in zip(want, got):
-        bits_equal(a.detach(), b.detach().cpu())
+        bits_equal(a, b.detach().cpu())
 
 
 def test_pooling_past_2_31_elements(cupy_path, monkeypatch):
