@@ -98,6 +98,7 @@ def _function(source: str, name: str, device_index: int) -> Any:
 
 
 def _device_index(device: torch.device) -> int:
+    """The CUDA device index of `device` (the current device when it names none)."""
     return device.index if device.index is not None else torch.cuda.current_device()
 
 

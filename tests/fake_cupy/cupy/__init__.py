@@ -40,12 +40,10 @@ log = Log()
 
 
 class ndarray:
-    """A view of memory described by `__cuda_array_interface__` (pointer, shape, strides, type)."""
+    """Memory described by `__cuda_array_interface__`: its pointer and type, on the current device."""
 
     def __init__(self, interface: dict[str, Any]) -> None:
         self.ptr = interface["data"][0]
-        self.shape = tuple(interface["shape"])
-        self.strides = interface.get("strides")
         self.dtype = np.dtype(interface["typestr"])
         self.device_id = cuda.Device().id
 
@@ -83,6 +81,7 @@ class RawModule:
         log.modules.append((path, self.device))
 
     def get_function(self, name: str) -> Function:
+        """The kernel `name` of this module, which must be looked up on the module's device."""
         if name.encode() + b"\0" not in self.image:
             raise cuda.CUDADriverError(f"CUDA_ERROR_NOT_FOUND: named symbol not found: {name}")
         device = cuda.Device().id
@@ -93,6 +92,7 @@ class RawModule:
 
 
 def _dims(value: Any, limits: tuple[int, ...], what: str) -> tuple[int, int, int]:
+    """A grid or block as CuPy takes it (an int or up to 3 ints), padded to 3 and checked against CUDA's limits."""
     dims = (value,) if isinstance(value, int) else tuple(value)
     if not 1 <= len(dims) <= 3 or not all(isinstance(d, int) for d in dims):
         raise TypeError(f"{what} must be an int or a tuple of up to 3 ints, got {value!r}")
@@ -125,7 +125,8 @@ class Function:
         self.name = name
         self.device = device
 
-    def __call__(self, grid: Any, block: Any, args: tuple[Any, ...], shared_mem: int = 0) -> None:
+    def __call__(self, grid: Any, block: Any, args: tuple[Any, ...]) -> None:
+        """Launch grid × block threads with `args` on the current device and stream (recorded in `log`)."""
         from kpnet.cuda import emulator, launch
 
         if cuda.Device().id != self.device:

@@ -26,6 +26,7 @@ class Device:
 
     @property
     def compute_capability(self) -> str:
+        """The device's architecture as CuPy reports it ("90")."""
         return COMPUTE_CAPABILITY
 
     def __enter__(self) -> Device:

@@ -10,4 +10,5 @@ class CUDARuntimeError(RuntimeError):
 
 
 def getDeviceCount() -> int:
+    """How many devices the stand-in plays."""
     return DEVICE_COUNT
