@@ -4,7 +4,7 @@ Prints, per corner-pool direction and shape, forward and forward+backward times 
 reference (torch.cummax), the emulator-compiled CUDA kernel (g++) through the op, a naive per-row loop
 and the log-step form, next to the memory-bandwidth floor (copy_ into a preallocated tensor) and the
 ratio to it; then per-image peaks + corner grouping (K=100 and K=70, 80 classes, 128×128) for the fused
-ops against a straightforward K×K tensor decode, and the triplet decode against plain grouping.
+ops against a straightforward K×K tensor decode.
 
 Timing: thread CPU time (time.thread_time), so a busy machine's preemption is not counted. A measurement
 is about 20 ms of untimed calls (WARMUP at least), then as many timed ones back to back: each callable runs
@@ -96,15 +96,6 @@ def timed_vs_floor(fn, floor, repeat: int) -> tuple[float, float]:
         times.append(t)
         ratios.append(t / base)
     return statistics.median(times) * 1e3, statistics.median(ratios)
-
-
-def alternating_ratio(fn, base, rounds: int) -> tuple[float, float, float]:
-    """(median ms of base, median ms of fn, median ratio fn/base) over rounds that measure base, then fn: a
-    like-for-like comparison whose rounds share the host's minute-to-minute speed."""
-    calls, base_calls = _calls(fn), _calls(base)
-    pairs = [(_measure(base, base_calls), _measure(fn, calls)) for _ in range(rounds)]
-    return (statistics.median(b for b, _ in pairs) * 1e3, statistics.median(f for _, f in pairs) * 1e3,
-            statistics.median(f / b for b, f in pairs))
 
 
 def naive_rows(x: torch.Tensor, direction: str) -> torch.Tensor:
@@ -272,49 +263,31 @@ def straightforward_decode(tl_heat, br_heat, tl_embed, br_embed, k, ae_threshold
     return boxes.view(b, -1, 4).gather(1, inds.unsqueeze(-1).expand(b, inds.shape[1], 4)), top
 
 
-def fused_decode(tl_heat, br_heat, tl_embed, br_embed, k, ct_heat=None):
-    """Peaks by kernel, then every pair in one pass (kpnet.ops); with ct_heat, the triplet centre check too."""
+def fused_decode(tl_heat, br_heat, tl_embed, br_embed, k, ae_threshold=0.5, num_dets=1000):
+    """Peaks by kernel, then every pair in one pass (kpnet.ops)."""
     tl = heatmap_peaks(tl_heat, k)
     br = heatmap_peaks(br_heat, k)
     w = tl_heat.shape[3]
     tl_e = tl_embed.view(1, -1).gather(1, tl[2] * w + tl[3])
     br_e = br_embed.view(1, -1).gather(1, br[2] * w + br[3])
-    args = (tl[0], tl[1], tl[3].float(), tl[2].float(), br[0], br[1], br[3].float(), br[2].float())
-    if ct_heat is None:
-        return group_corners(*args, tl_embed=tl_e, br_embed=br_e)
-    ct = heatmap_peaks(ct_heat, k)
-    return group_corners(*args, mode="triplet", tl_embed=tl_e, br_embed=br_e, ct_scores=ct[0], ct_classes=ct[1],
-                         ct_xs=ct[3].float(), ct_ys=ct[2].float())
+    return group_corners(tl[0], tl[1], tl[3].float(), tl[2].float(), br[0], br[1], br[3].float(), br[2].float(),
+                         tl_embed=tl_e, br_embed=br_e, ae_threshold=ae_threshold, num_dets=num_dets)
 
 
 def bench_decoding(repeat: int) -> None:
     print("\ndecoding per image, 80 classes, 128×128, single thread, milliseconds")
     g = torch.Generator().manual_seed(0)
-    heats = [torch.rand(1, 80, 128, 128, generator=g) ** 4 for _ in range(3)]  # sigmoided-like, mostly low
+    heats = [torch.rand(1, 80, 128, 128, generator=g) ** 4 for _ in range(2)]  # sigmoided-like, mostly low
     tl_embed, br_embed = torch.rand(1, 1, 128, 128, generator=g), torch.rand(1, 1, 128, 128, generator=g)
     for k in (100, 70):
         base = timed(lambda: straightforward_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
         os.environ["KPNET_KERNELS"] = "emulate"
         fused = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
-        triplet = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k, heats[2]), repeat)
-        # Like with like: the grouping step alone on the same corner (and centre) peaks, ae vs triplet.
-        tl, br, ct = (heatmap_peaks(h, k) for h in heats)
-        corners = (tl[0], tl[1], tl[3].float(), tl[2].float(), br[0], br[1], br[3].float(), br[2].float())
-        emb = dict(tl_embed=tl[0].clone(), br_embed=br[0].clone())
-        group_ae, group_triplet, triplet_ratio = alternating_ratio(
-            lambda: group_corners(*corners, **emb, mode="triplet", ct_scores=ct[0], ct_classes=ct[1],
-                                  ct_xs=ct[3].float(), ct_ys=ct[2].float()),
-            lambda: group_corners(*corners, **emb), repeat * 3)
         os.environ["KPNET_KERNELS"] = "torch"
         ref = timed(lambda: fused_decode(heats[0], heats[1], tl_embed, br_embed, k), repeat)
         os.environ.pop("KPNET_KERNELS", None)
         print(f"  K={k}: peaks + grouping: straightforward K×K {base:.2f}; kpnet reference {ref:.2f}; "
               f"fused (emulator) {fused:.2f} -> {base / fused:.1f}× faster than K×K")
-        print(f"  K={k}: grouping step on the same peaks (the like-for-like comparison): plain CornerNet (ae) "
-              f"{group_ae:.3f}; triplet with centre check {group_triplet:.3f}; median ratio of alternating rounds "
-              f"{triplet_ratio:.2f}× plain")
-        print(f"  K={k}: full decodes: triplet (3 heatmaps' peaks + centre check) {triplet:.2f} vs CornerNet "
-              f"(2 heatmaps) {fused:.2f}; per heatmap {triplet / 3:.2f} vs {fused / 2:.2f}")
 
 
 def main() -> None:

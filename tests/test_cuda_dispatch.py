@@ -57,3 +57,22 @@ def test_info_bad_env_exits_2(monkeypatch):
     result = CliRunner().invoke(app, ["info"])
     assert result.exit_code == 2
     assert "KPNET_KERNELS: unknown value 'fast'" in result.output
+
+
+def test_emulator_check_compiles_the_lanes_header(monkeypatch, tmp_path):
+    """A compiler that cannot build kpnet_cpu_lanes.h (here a stand-in for g++ 11, which lacks
+    __builtin_shufflevector) makes the emulator unusable: KPNET_KERNELS=emulate refuses in one line naming why,
+    the default falls back to the reference."""
+    gcc11 = tmp_path / "g++"
+    gcc11.write_text("#!/bin/sh\necho \"kpnet_cpu_lanes.h:44:22: error: '__builtin_shufflevector' was not declared "
+                     "in this scope\" >&2\nexit 1\n")
+    gcc11.chmod(0o755)
+    monkeypatch.setenv("CXX", str(gcc11))
+    ok, why = dispatch.emulator_status()
+    assert not ok and "(GCC >= 12 or Clang needed)" in why and "__builtin_shufflevector" in why and "\n" not in why
+    monkeypatch.setenv("KPNET_KERNELS", "emulate")
+    with pytest.raises(KpnetError, match=r"^KPNET_KERNELS: emulate requested but C\+\+ compiler .*g\+\+ cannot build"):
+        dispatch.choose(torch.device("cpu"))
+    monkeypatch.setenv("KPNET_KERNELS", "auto")
+    assert dispatch.choose(torch.device("cpu")).backend == "torch"
+

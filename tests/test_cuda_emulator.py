@@ -1,5 +1,5 @@
 """The g++-compiled kernels (the emulator) against the PyTorch reference: bit-identical pooling forward and
-backward, identical decoding (scores to 1e-6), and the build cache."""
+backward, identical decoding and soft-NMS (kept indices, scores and boxes), and the build cache."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 
 from kpnet.cuda import dispatch, emulator
 from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks, line_max, soft_nms, soft_nms_merge
+from kernel_cases import bits_equal, corners, nms_inputs
 
-pytestmark = pytest.mark.skipif(emulator.compiler() is None, reason="no C++ compiler (g++) to build the emulator")
+_EMULATOR = dispatch.emulator_status()
+pytestmark = pytest.mark.skipif(not _EMULATOR[0], reason=f"the emulator cannot be built here: {_EMULATOR[1]}")
 
 
 def _both(monkeypatch, fn):
@@ -30,13 +32,6 @@ def _pool_run(op, x, arg, seed=0):
         y.backward(g)
         return y.detach(), xx.grad
     return fn
-
-
-def _bits_equal(a, b):
-    assert a.dtype == b.dtype and a.shape == b.shape
-    assert torch.equal(a.view(torch.int8 if a.element_size() == 1 else {2: torch.int16, 4: torch.int32,
-                                                                         8: torch.int64}[a.element_size()]),
-                       b.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[b.element_size()]))
 
 
 def _pool_inputs():
@@ -96,8 +91,8 @@ def test_corner_pool_bit_identical(monkeypatch, stores, name):
     x = _pool_inputs()[name]
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
+        bits_equal(y_ref, y_emu)
+        bits_equal(g_ref, g_emu)
 
 
 @pytest.mark.parametrize("name", list(_pool_inputs()))
@@ -105,8 +100,8 @@ def test_line_max_bit_identical(monkeypatch, name):
     x = _pool_inputs()[name]
     for dim in (2, 3):
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(line_max, x, dim))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
+        bits_equal(y_ref, y_emu)
+        bits_equal(g_ref, g_emu)
 
 
 def test_host_cache_bytes_reads_the_last_level(tmp_path):
@@ -132,7 +127,7 @@ def test_corner_pool_nan_and_inf_gradients_bit_identical(monkeypatch, specials):
         torch.int32)
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, lambda: _grad_of(x, direction, grad))
-        _bits_equal(g_ref, g_emu)
+        bits_equal(g_ref, g_emu)
         assert g_ref.isnan().any()
 
 
@@ -144,8 +139,8 @@ def test_corner_pool_every_16bit_pattern_bit_identical(monkeypatch, dtype):
     x = bits[perm].view(dtype).reshape(1, 4, 128, 128)
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, _pool_run(corner_pool, x, direction))
-        _bits_equal(y_ref, y_emu)
-        _bits_equal(g_ref, g_emu)
+        bits_equal(y_ref, y_emu)
+        bits_equal(g_ref, g_emu)
 
 
 def test_emulator_launches_from_two_threads(monkeypatch):
@@ -168,8 +163,8 @@ def test_emulator_launches_from_two_threads(monkeypatch):
     with ThreadPoolExecutor(4) as pool:
         got = list(pool.map(run, range(8)))
     for (y, gi), (y_want, g_want) in zip(got, want):
-        _bits_equal(y, y_want)
-        _bits_equal(gi, g_want)
+        bits_equal(y, y_want)
+        bits_equal(gi, g_want)
 
 
 def test_tie_rule_gradient_goes_to_latest_scanned(monkeypatch):
@@ -194,10 +189,10 @@ def test_corner_pool_negative_zero_gradient(monkeypatch):
     grad = torch.full(x.shape, -0.0)
     for direction in DIRECTIONS:
         (y_ref, g_ref), (y_emu, g_emu) = _both(monkeypatch, lambda: _grad_of(x, direction, grad))
-        _bits_equal(g_ref, g_emu)
+        bits_equal(g_ref, g_emu)
         assert not torch.signbit(g_ref).any()
         for lanes in (1, 3):
-            _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), g_ref)
+            bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), g_ref)
 
 
 def _grad_of(x, direction, grad):
@@ -244,43 +239,29 @@ def test_heatmap_peaks_semantics():
     assert (classes.tolist(), ys.tolist(), xs.tolist()) == ([[1, 0, 0]], [[2, 0, 0]], [[3, 0, 1]])
 
 
-def _corners(k, seed, scale=40.0, classes=3):
-    g = torch.Generator().manual_seed(seed)
-    s = torch.rand(2, k, generator=g)
-    c = torch.randint(0, classes, (2, k), generator=g)
-    x = (torch.rand(2, k, generator=g) * scale).round()  # integer coordinates: exact ties on the box tests
-    y = (torch.rand(2, k, generator=g) * scale).round()
-    return s, c, x, y
-
-
-@pytest.mark.parametrize("mode", ["ae", "triplet", "centripetal"])
+@pytest.mark.parametrize("mode", ["ae", "centripetal"])
 @pytest.mark.parametrize("allow_zero_size", [True, False])
 def test_group_corners_identical(monkeypatch, mode, allow_zero_size):
-    tl = _corners(30, 1)
-    br = _corners(25, 2)
-    br = (br[0], br[1], br[2] + 20, br[3] + 20)
+    tl = corners(30, 1)
+    br = corners(25, 2)
+    br[2], br[3] = br[2] + 20, br[3] + 20
     g = torch.Generator().manual_seed(7)
-    extra = {}
-    if mode in ("ae", "triplet"):
-        extra.update(tl_embed=torch.rand(2, 30, generator=g), br_embed=torch.rand(2, 25, generator=g))
-    if mode == "triplet":
-        cs, cc, cx, cy = _corners(20, 3, scale=60.0)
-        extra.update(ct_scores=cs, ct_classes=cc, ct_xs=cx, ct_ys=cy, region_area=400.0)
-    if mode == "centripetal":
-        extra.update(tl_ct_xs=tl[2] + torch.rand(2, 30, generator=g) * 30, tl_ct_ys=tl[3] + 15.0,
+    if mode == "ae":
+        extra = dict(tl_embed=torch.rand(2, 30, generator=g), br_embed=torch.rand(2, 25, generator=g), ae_threshold=0.5)
+    else:
+        extra = dict(tl_ct_xs=tl[2] + torch.rand(2, 30, generator=g) * 30, tl_ct_ys=tl[3] + 15.0,
                      br_ct_xs=br[2] - torch.rand(2, 25, generator=g) * 30, br_ct_ys=br[3] - 15.0,
-                     centripetal_weighting=True)
+                     mu_area=3500.0, mu_small=1 / 2.1, mu_large=1 / 2.4, centripetal_weighting=True)
     ref, emu = _both(monkeypatch, lambda: group_corners(*tl, *br, mode=mode, allow_zero_size=allow_zero_size,
                                                         num_dets=300, **extra))
-    assert torch.equal(ref.tl_index, emu.tl_index) and torch.equal(ref.br_index, emu.br_index)
-    assert torch.equal(ref.boxes, emu.boxes) and torch.equal(ref.classes, emu.classes)
-    torch.testing.assert_close(ref.scores, emu.scores, atol=1e-6, rtol=0)
+    for a, b in zip(ref, emu):
+        bits_equal(a, b)
     assert (ref.scores > -1).any() and (ref.scores == -1).any()
 
 
 def test_group_corners_rules():
     one = torch.ones(1, 1)
-    base = dict(tl_embed=torch.zeros(1, 1), br_embed=torch.full((1, 1), 0.5))
+    base = dict(tl_embed=torch.zeros(1, 1), br_embed=torch.full((1, 1), 0.5), ae_threshold=0.5, num_dets=10)
     out = group_corners(one * 0.8, one.long(), one * 2, one * 2, one * 0.4, one.long(), one * 2, one * 9, **base)
     assert out.scores.item() == pytest.approx(0.6)  # mean; |e| = 0.5 not > 0.5; zero width allowed
     out = group_corners(one * 0.8, one.long(), one * 2, one * 2, one * 0.4, one.long(), one * 2, one * 9, **base,
@@ -288,53 +269,58 @@ def test_group_corners_rules():
     assert out.scores.item() == -1
     out = group_corners(one * 0.8, one.long(), one * 2, one * 2, one * 0.4, one.long() * 2, one * 5, one * 9, **base)
     assert out.scores.item() == -1  # classes differ
-    # triplet: box (0,0)-(30,30), area 900 <= 22500 -> n = 3, region (10, 20); centre at 10 is on the boundary
-    ct = dict(ct_scores=torch.tensor([[0.9, 0.3]]), ct_classes=torch.ones(1, 2).long(),
-              ct_xs=torch.tensor([[10.0, 15.0]]), ct_ys=torch.tensor([[15.0, 15.0]]))
-    out = group_corners(one * 0.8, one.long(), one * 0, one * 0, one * 0.4, one.long(), one * 30, one * 30, **base,
-                        **ct, mode="triplet")
-    assert out.scores.item() == pytest.approx((2 * 0.6 + 0.3) / 3)
 
 
-def _nms_inputs(n=300, seed=11):
-    g = torch.Generator().manual_seed(seed)
-    xy = (torch.rand(n, 2, generator=g) * 100).round()
-    wh = (torch.rand(n, 2, generator=g) * 40).round()
-    scores = torch.rand(n, generator=g)
-    scores[:5] = scores[5]  # exact ties
-    return torch.cat([xy, xy + wh], 1), scores, torch.randint(0, 6, (n,), generator=g)
+@pytest.mark.parametrize(("mode", "drop", "message"), [
+    ("ae", "ae_threshold", "mode 'ae' needs ae_threshold"),
+    ("ae", "num_dets", "mode 'ae' needs num_dets"),
+    ("centripetal", "mu_small", "mode 'centripetal' needs mu_small"),
+    ("triplet", None, "unknown mode 'triplet'; expected one of ae, centripetal"),
+])
+def test_group_corners_needs_the_recipes_values(mode, drop, message):
+    """No defaults for what the recipe carries: a missing value (or the removed triplet mode) is a KpnetError."""
+    from kpnet.errors import KpnetError
+
+    one = torch.ones(1, 1)
+    given = dict(tl_embed=one, br_embed=one, ae_threshold=0.5, tl_ct_xs=one, tl_ct_ys=one, br_ct_xs=one,
+                 br_ct_ys=one, mu_area=3500.0, mu_small=0.5, mu_large=0.4, num_dets=10)
+    given.pop(drop, None)
+    with pytest.raises(KpnetError, match=f"^group_corners: {message}"):
+        group_corners(one, one.long(), one, one, one, one.long(), one * 2, one * 2, mode=mode, **given)
 
 
 @pytest.mark.parametrize("method", ["gaussian", "linear", "hard"])
 @pytest.mark.parametrize("plus_one", [True, False])
 def test_soft_nms_identical(monkeypatch, method, plus_one):
-    boxes, scores, classes = _nms_inputs()
+    boxes, scores, classes = nms_inputs()
     (k_ref, s_ref), (k_emu, s_emu) = _both(
-        monkeypatch, lambda: soft_nms(boxes, scores, classes, method=method, plus_one=plus_one))
+        monkeypatch, lambda: soft_nms(boxes, scores, classes, method=method, sigma=0.5, iou_threshold=0.5,
+                                      plus_one=plus_one))
     assert torch.equal(k_ref, k_emu)
-    torch.testing.assert_close(s_ref, s_emu, atol=1e-6, rtol=0)
+    bits_equal(s_ref, s_emu)
     assert len(set(k_ref.tolist())) == len(k_ref)  # keep honoured: no stale duplicate rows
     if method != "linear":  # linear decay rarely drops a score below 0.001
         assert len(k_ref) < len(scores)
 
 
 def test_soft_nms_merge_identical(monkeypatch):
-    boxes, scores, classes = _nms_inputs(seed=12)
+    boxes, scores, classes = nms_inputs(seed=12)
     tl, br = scores.roll(1), scores.roll(2)
     (k_ref, s_ref, b_ref), (k_emu, s_emu, b_emu) = _both(
-        monkeypatch, lambda: soft_nms_merge(boxes, scores, classes, tl, br, weight_exp=10))
+        monkeypatch, lambda: soft_nms_merge(boxes, scores, classes, tl, br, method="gaussian", sigma=0.5,
+                                            iou_threshold=0.5, weight_exp=10))
     assert torch.equal(k_ref, k_emu)
-    torch.testing.assert_close(s_ref, s_emu, atol=1e-6, rtol=0)
-    torch.testing.assert_close(b_ref, b_emu, atol=1e-4, rtol=1e-6)
+    bits_equal(s_ref, s_emu)
+    bits_equal(b_ref, b_emu)
     assert not torch.equal(b_ref, boxes[k_ref])  # merging moved some boxes
 
 
 def test_soft_nms_semantics():
     boxes = torch.tensor([[0.0, 0, 9, 9], [0, 0, 9, 9], [20, 20, 29, 29], [0, 0, 9, 9]])
     scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
-    keep, new = soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), method="hard")
+    keep, new = soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), method="hard", sigma=0.5, iou_threshold=0.5)
     assert keep.tolist() == [0, 2, 3]  # box 1 is the same box as 0 (IoU 1): removed; class 1 untouched
-    keep, new = soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), method="gaussian", sigma=0.5)
+    keep, new = soft_nms(boxes, scores, torch.tensor([0, 0, 0, 1]), method="gaussian", sigma=0.5, iou_threshold=0.5)
     assert keep.tolist() == [0, 2, 3, 1]
     assert new[-1].item() == pytest.approx(0.8 * torch.exp(torch.tensor(-1 / 0.5)).item())
 
@@ -353,12 +339,16 @@ def test_build_is_cached_by_source_hash(monkeypatch, tmp_path):
     assert other != first  # different launcher set -> different hash
 
 
-def test_missing_compiler_falls_back_with_reason(monkeypatch):
+def test_missing_compiler_refuses_with_reason(monkeypatch):
+    """KPNET_KERNELS=emulate without a usable compiler is a one-line error; the default still runs the reference."""
+    from kpnet.errors import KpnetError
+
     monkeypatch.setenv("KPNET_KERNELS", "emulate")
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     monkeypatch.setenv("PATH", os.devnull)
-    choice = dispatch.choose(torch.device("cpu"))
-    assert choice.backend == "torch" and "no C++ compiler" in choice.reason
+    with pytest.raises(KpnetError, match="^KPNET_KERNELS: emulate requested but no C\\+\\+ compiler found"):
+        dispatch.choose(torch.device("cpu"))
+    monkeypatch.setenv("KPNET_KERNELS", "auto")
     x = torch.randn(1, 1, 4, 4)
     assert torch.equal(corner_pool(x, "top"), torch.cummax(x.flip(2), 2).values.flip(2))
 
@@ -378,10 +368,10 @@ def test_pooling_gpu_thread_layout_bit_identical(lanes):
             acc = torch.zeros(x.shape, dtype=torch.float64).scatter_add_(
                 dim, indices, (grad.flip(dim) if reverse else grad).double())
             want_grad = (acc.flip(dim) if reverse else acc).float()
-            _bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
-            _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
+            bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
+            bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
         for dim in (2, 3):
-            _bits_equal(launch.line_max_forward(x, dim, "emulate", lanes=lanes),
+            bits_equal(launch.line_max_forward(x, dim, "emulate", lanes=lanes),
                         x.amax(dim, keepdim=True).expand(x.shape))
 
 
@@ -403,8 +393,8 @@ def test_pooling_threads_of_whole_planes_bit_identical(planes):
                                                                      (grad.flip(dim) if reverse else grad).double())
         want_grad = (acc.flip(dim) if reverse else acc).float()
         lanes = planes * x.shape[3]
-        _bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
-        _bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
+        bits_equal(launch.corner_pool_forward(x, direction, "emulate", lanes=lanes), want)
+        bits_equal(launch.corner_pool_backward(x, grad, direction, "emulate", lanes=lanes), want_grad)
 
 
 @pytest.mark.parametrize("k", [1, 5, 40])

@@ -1,7 +1,7 @@
-// Heatmap peaks (max-pool NMS, REFERENCE §4.1 step 2) and corner-pair scoring (REFERENCE §4.1, §4.2,
-// §4.4). One thread per block of heatmap rows; one thread per (image, tl, br) pair. Every test is a keep
-// condition, so a NaN operand rejects (kpnet/ops/decoding.py). Compiled without FMA contraction so
-// each float operation rounds exactly as the PyTorch reference's.
+// Heatmap peaks (max-pool NMS, REFERENCE §4.1 step 2) and corner-pair scoring (REFERENCE §4.1, §4.4).
+// One thread per block of heatmap rows; one thread per (image, tl, br) pair. Every test is a keep
+// condition, so a NaN operand rejects (kpnet/ops/decoding.py). Compiled without FMA contraction, and exp
+// is kpnet's (kpnet_types.cuh), so each float operation rounds exactly as the PyTorch reference's.
 #include "kpnet_types.cuh"
 
 // Heatmap peaks fused with candidate collection. A position's score is its heat when that is >= every
@@ -65,18 +65,15 @@ extern "C" __global__ void peak_candidates_f64(const double* heat, double* cand_
     peak_candidates<double>(heat, cand_score, cand_index, n_maps, height, width, radius, rows, cap);
 }
 
-// Modes: 0 = associative embedding (CornerNet), 1 = triplet centre check (CenterNet), 2 = centripetal.
-// `pair` orders the num_dets selection; `final` is the triplet rescoring (or the pair score).
+// Modes: 0 = associative embedding (CornerNet), 1 = centripetal (CentripetalNet). One score per pair.
 extern "C" __global__ void pair_scores_f32(
     const float* tl_s, const int* tl_c, const float* tl_x, const float* tl_y,
     const float* br_s, const int* br_c, const float* br_x, const float* br_y,
     const float* tl_e, const float* br_e,
-    const float* ct_s, const int* ct_c, const float* ct_x, const float* ct_y,
     const float* tl_cx, const float* tl_cy, const float* br_cx, const float* br_cy,
-    float* pair, float* final_score,
-    int batch, int k_tl, int k_br, int k_ct, int mode, int allow_zero_size, int centripetal_weighting,
-    float ae_threshold, float region_area, float region_n_small, float region_n_large,
-    float mu_area, float mu_small, float mu_large) {
+    float* pair,
+    int batch, int k_tl, int k_br, int mode, int allow_zero_size, int centripetal_weighting,
+    float ae_threshold, float mu_area, float mu_small, float mu_large) {
     kp_index t = (kp_index)blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= (kp_index)batch * k_tl * k_br) return;
     int j = (int)(t % k_br);
@@ -87,7 +84,7 @@ extern "C" __global__ void pair_scores_f32(
     float score = (tl_s[a] + br_s[c]) / 2.0f;
     bool keep = allow_zero_size ? (x2 >= x1 && y2 >= y1) : (x2 > x1 && y2 > y1);
     keep = keep && tl_c[a] == br_c[c];
-    if (mode != 2) {
+    if (mode == 0) {
         float d = tl_e[a] - br_e[c];
         keep = keep && (d < 0.0f ? -d : d) <= ae_threshold;
     } else {
@@ -104,30 +101,8 @@ extern "C" __global__ void pair_scores_f32(
             float dx = tcx - bcx, dy = tcy - bcy;
             dx = dx < 0.0f ? -dx : dx;
             dy = dy < 0.0f ? -dy : dy;
-            score = score * expf(-(dx * dy) / ((rx2 - rx1) * (ry2 - ry1)));
+            score = score * kp_exp(-(dx * dy) / ((rx2 - rx1) * (ry2 - ry1)));
         }
     }
-    score = keep ? score : -1.0f;
-    float rescored = score;
-    if (mode == 1) {
-        rescored = -1.0f;
-        if (keep) {
-            float w = x2 - x1, h = y2 - y1;
-            float n = w * h <= region_area ? region_n_small : region_n_large;
-            float lo_x = ((n + 1.0f) * x1 + (n - 1.0f) * x2) / (2.0f * n);
-            float hi_x = ((n - 1.0f) * x1 + (n + 1.0f) * x2) / (2.0f * n);
-            float lo_y = ((n + 1.0f) * y1 + (n - 1.0f) * y2) / (2.0f * n);
-            float hi_y = ((n - 1.0f) * y1 + (n + 1.0f) * y2) / (2.0f * n);
-            int cls = tl_c[a];
-            for (int m = b * k_ct; m < (b + 1) * k_ct; ++m) {
-                float px = ct_x[m], py = ct_y[m];
-                if (ct_c[m] == cls && px > lo_x && px < hi_x && py > lo_y && py < hi_y) {
-                    rescored = (2.0f * score + ct_s[m]) / 3.0f;
-                    break;
-                }
-            }
-        }
-    }
-    pair[t] = score;
-    final_score[t] = rescored;
+    pair[t] = keep ? score : -1.0f;
 }

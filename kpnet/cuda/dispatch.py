@@ -7,8 +7,8 @@ reference. `KPNET_KERNELS` overrides it:
 - `auto` (default): the rule above. CPU tensors always use the reference, so the default never
   depends on whether a C++ compiler happens to be installed.
 - `torch`: the reference everywhere.
-- `emulate`: CPU tensors run the emulator (the `.cu` sources compiled by g++); without g++ the
-  reference serves and the reason says so. CUDA tensors follow the default rule.
+- `emulate`: CPU tensors run the emulator (the `.cu` sources compiled by g++ ≥ 12 or Clang); where it
+  cannot be built, an error names why. CUDA tensors follow the default rule.
 - `cuda`: CUDA tensors must run the kernels (an error names why CuPy is unusable); CPU tensors
   use the reference.
 """
@@ -60,13 +60,10 @@ def cupy_status() -> tuple[bool, str]:
 
 
 def emulator_status() -> tuple[bool, str]:
-    """Whether the emulator can be built here (a C++ compiler on PATH or in $CXX)."""
-    from kpnet.cuda.emulator import compiler
+    """Whether the emulator can be built here: a C++ compiler that compiles the probe (emulator.probe)."""
+    from kpnet.cuda import emulator
 
-    cxx = compiler()
-    if cxx is None:
-        return False, "no C++ compiler found (looked for $CXX, g++)"
-    return True, f"C++ compiler {cxx}"
+    return emulator.probe(emulator.compiler())
 
 
 def choose(device: torch.device, has_kernel: bool = True) -> Choice:
@@ -85,7 +82,7 @@ def choose(device: torch.device, has_kernel: bool = True) -> Choice:
         return Choice("torch", f"CUDA tensor but {why}; PyTorch reference")
     if requested == "emulate":
         ok, why = emulator_status()
-        if ok:
-            return Choice("emulate", f"{KERNELS_ENV}=emulate; {why}")
-        return Choice("torch", f"{KERNELS_ENV}=emulate but {why}; PyTorch reference")
+        if not ok:
+            raise KpnetError(KERNELS_ENV, f"emulate requested but {why}")
+        return Choice("emulate", f"{KERNELS_ENV}=emulate; {why}")
     return Choice("torch", f"CPU tensor: PyTorch reference (set {KERNELS_ENV}=emulate for the compiled kernels)")

@@ -50,6 +50,24 @@ def _find_compiler(cxx: str | None, path: str | None) -> str | None:
     return None
 
 
+@lru_cache(maxsize=8)
+def probe(cxx: str | None) -> tuple[bool, str]:
+    """Whether `cxx` compiles the shim and the CPU lanes header (GCC >= 12 or Clang: vector shuffles), with the
+    reason in one line when it does not; checked once per process and compiler."""
+    if cxx is None:
+        return False, "no C++ compiler found (looked for $CXX, g++)"
+    unit = '#include "kpnet_shim.h"\n#include "kpnet_types.cuh"\n#include "kpnet_cpu_lanes.h"\n'
+    try:
+        proc = subprocess.run([cxx, *CXX_FLAGS, "-fsyntax-only", "-I", str(SOURCE_DIR), "-x", "c++", "-"], input=unit,
+                              capture_output=True, text=True, check=False, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"C++ compiler {cxx} did not run ({type(e).__name__}: {e})"
+    if proc.returncode != 0:
+        errors = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.splitlines() or ["?"]
+        return False, f"C++ compiler {cxx} cannot build the emulator (GCC >= 12 or Clang needed): {errors[0].strip()}"
+    return True, f"C++ compiler {cxx}"
+
+
 def cache_dir() -> Path:
     """Where built emulator libraries live (see the module docstring)."""
     if os.environ.get("KPNET_CACHE_DIR"):

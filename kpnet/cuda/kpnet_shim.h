@@ -35,3 +35,9 @@ static inline double __longlong_as_double(long long i) {
     std::memcpy(&d, &i, sizeof d);
     return d;
 }
+
+static inline long long __double_as_longlong(double d) {
+    long long i;
+    std::memcpy(&i, &d, sizeof i);
+    return i;
+}

@@ -43,11 +43,10 @@ KERNELS["pair_scores_f32"] = ("decoding.cu", (
     "const float*", "const int*", "const float*", "const float*",
     "const float*", "const int*", "const float*", "const float*",
     "const float*", "const float*",
-    "const float*", "const int*", "const float*", "const float*",
     "const float*", "const float*", "const float*", "const float*",
-    "float*", "float*",
-    "int", "int", "int", "int", "int", "int", "int",
-    "float", "float", "float", "float", "float", "float", "float"))
+    "float*",
+    "int", "int", "int", "int", "int", "int",
+    "float", "float", "float", "float"))
 KERNELS["soft_nms_f32"] = ("nms.cu", (
     "const float*", "float*", "const float*", "const float*",
     "const kp_index*", "unsigned char*", "kp_index*", "kp_index*", "float*",
@@ -66,8 +65,11 @@ def grid_for(n_threads: int, block: int = BLOCK) -> tuple[tuple[int, int, int], 
     return (max(1, -(-n_threads // block)), 1, 1), (block, 1, 1)
 
 
-def _raw(t: Tensor) -> Tensor:
-    """16-bit floats travel as int16 (CuPy has no bfloat16; the kernels read the bits)."""
+def _device_view(t: Tensor) -> Tensor:
+    """What CuPy receives for a tensor argument: the same memory, detached (torch refuses
+    `__cuda_array_interface__` to tensors that require grad), 16-bit floats as int16 (CuPy has no bfloat16; the
+    kernels read the bits)."""
+    t = t.detach()
     return t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
@@ -86,7 +88,7 @@ def launch(name: str, n_threads: int, args: list[Any], backend: str, device: tor
     if backend == "cuda":
         from kpnet.cuda import cupy_backend
 
-        packed = [_raw(a) if isinstance(a, Tensor) else _SCALARS[p][1](a) for a, p in zip(args, params)]
+        packed = [_device_view(a) if isinstance(a, Tensor) else _SCALARS[p][1](a) for a, p in zip(args, params)]
         cupy_backend.run(source, name, grid, block, packed, device)
     elif backend == "emulate":
         packed = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, Tensor) else _SCALARS[p][0](a)
@@ -214,40 +216,35 @@ def pair_scores(
     mode: str,
     tl_scores: Tensor, tl_classes: Tensor, tl_xs: Tensor, tl_ys: Tensor,
     br_scores: Tensor, br_classes: Tensor, br_xs: Tensor, br_ys: Tensor,
-    tl_embed: Tensor | None, br_embed: Tensor | None, ae_threshold: float,
-    ct_scores: Tensor | None, ct_classes: Tensor | None, ct_xs: Tensor | None, ct_ys: Tensor | None,
-    region_area: float, region_n_small: float, region_n_large: float,
+    tl_embed: Tensor | None, br_embed: Tensor | None, ae_threshold: float | None,
     tl_ct_xs: Tensor | None, tl_ct_ys: Tensor | None, br_ct_xs: Tensor | None, br_ct_ys: Tensor | None,
-    mu_area: float, mu_small: float, mu_large: float, centripetal_weighting: bool,
+    mu_area: float | None, mu_small: float | None, mu_large: float | None, centripetal_weighting: bool,
     allow_zero_size: bool, *, backend: str,
-) -> tuple[Tensor, Tensor]:
-    """(pair score, final score), each (B, K_tl, K_br), by kernel; same contract as the reference."""
+) -> Tensor:
+    """The pair score of every pair, (B, K_tl, K_br), by kernel; same contract as the reference (the values
+    the mode does not read, None there, travel as 0)."""
     device = tl_scores.device
     placeholder = torch.zeros(1, dtype=torch.float32, device=device)
 
     def f32(t: Tensor | None) -> Tensor:
         return placeholder if t is None else t.to(device, torch.float32).contiguous()
 
-    def i32(t: Tensor | None) -> Tensor:
-        return placeholder.to(torch.int32) if t is None else t.to(device, torch.int32).contiguous()
+    def i32(t: Tensor) -> Tensor:
+        return t.to(device, torch.int32).contiguous()
 
     b, k_tl = tl_scores.shape
     k_br = br_scores.shape[1]
-    k_ct = 0 if ct_scores is None else ct_scores.shape[1]
     pair = torch.empty((b, k_tl, k_br), dtype=torch.float32, device=device)
-    final = torch.empty_like(pair)
-    mode_id = {"ae": 0, "triplet": 1, "centripetal": 2}[mode]
     launch("pair_scores_f32", pair.numel(), [
         f32(tl_scores), i32(tl_classes), f32(tl_xs), f32(tl_ys),
         f32(br_scores), i32(br_classes), f32(br_xs), f32(br_ys),
         f32(tl_embed), f32(br_embed),
-        f32(ct_scores), i32(ct_classes), f32(ct_xs), f32(ct_ys),
         f32(tl_ct_xs), f32(tl_ct_ys), f32(br_ct_xs), f32(br_ct_ys),
-        pair, final,
-        b, k_tl, k_br, k_ct, mode_id, int(allow_zero_size), int(centripetal_weighting),
-        ae_threshold, region_area, region_n_small, region_n_large, mu_area, mu_small, mu_large,
+        pair,
+        b, k_tl, k_br, {"ae": 0, "centripetal": 1}[mode], int(allow_zero_size), int(centripetal_weighting),
+        ae_threshold or 0.0, mu_area or 0.0, mu_small or 0.0, mu_large or 0.0,
     ], backend, device)
-    return pair, final
+    return pair
 
 
 def soft_nms(

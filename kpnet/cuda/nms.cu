@@ -41,11 +41,11 @@ extern "C" __global__ void soft_nms_f32(
             float inter = iw * ih;
             float iou = inter / (area_i + area_j - inter);
             float w;
-            if (method == 2) w = expf(-(iou * iou) / sigma);
+            if (method == 2) w = kp_exp(-(iou * iou) / sigma);
             else if (method == 1) w = iou > iou_threshold ? 1.0f - iou : 1.0f;
             else w = iou > iou_threshold ? 0.0f : 1.0f;
             if (merge) {
-                float mw = powf(1.0f - w, weight_exp);
+                float mw = kp_pow(1.0f - w, weight_exp);
                 float tw = tl_scores[j] * mw, bw = br_scores[j] * mw;
                 mx1 = mx1 + x1 * tl_scores[j] * mw;
                 my1 = my1 + y1 * tl_scores[j] * mw;

@@ -1,11 +1,11 @@
-"""Heatmap peak extraction and corner grouping (CornerNet §3.2/§4.1 decode, CenterNet-triplets
-§3.4 centre check, CentripetalNet §3.3/§4.1 matching; REFERENCE §4.1, §4.2, §4.4).
+"""Heatmap peak extraction and corner grouping (CornerNet §3.2/§4.1 decode, CentripetalNet §3.3/§4.1
+matching; REFERENCE §4.1, §4.4).
 
 Order rule: every top-K here sorts by score descending and breaks ties by the smaller flat index
 (peaks: class-major (c, y, x); pairs: tl index * K_br + br index), so all backends select the same
 elements. NaN rule: a NaN heat value is never a peak and makes its whole window non-peaks (the
 `max_pool2d` equality test); in grouping every test is written as a keep condition, so a NaN
-operand rejects the pair (score -1) or fails the centre match.
+operand rejects the pair (score -1).
 """
 
 from __future__ import annotations
@@ -18,8 +18,14 @@ from torch import Tensor
 
 from kpnet.cuda import dispatch, launch
 from kpnet.errors import KpnetError
+from kpnet.ops import kpmath
 
-GROUP_MODES = ("ae", "triplet", "centripetal")
+GROUP_MODES = ("ae", "centripetal")
+# What each mode reads besides the corners and num_dets.
+_NEEDS = {
+    "ae": ("tl_embed", "br_embed", "ae_threshold"),
+    "centripetal": ("tl_ct_xs", "tl_ct_ys", "br_ct_xs", "br_ct_ys", "mu_area", "mu_small", "mu_large"),
+}
 
 
 def topk_stable(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -94,18 +100,12 @@ def pair_scores_reference(
     mode: str,
     tl_scores: Tensor, tl_classes: Tensor, tl_xs: Tensor, tl_ys: Tensor,
     br_scores: Tensor, br_classes: Tensor, br_xs: Tensor, br_ys: Tensor,
-    tl_embed: Tensor | None, br_embed: Tensor | None, ae_threshold: float,
-    ct_scores: Tensor | None, ct_classes: Tensor | None, ct_xs: Tensor | None, ct_ys: Tensor | None,
-    region_area: float, region_n_small: float, region_n_large: float,
+    tl_embed: Tensor | None, br_embed: Tensor | None, ae_threshold: float | None,
     tl_ct_xs: Tensor | None, tl_ct_ys: Tensor | None, br_ct_xs: Tensor | None, br_ct_ys: Tensor | None,
-    mu_area: float, mu_small: float, mu_large: float, centripetal_weighting: bool,
+    mu_area: float | None, mu_small: float | None, mu_large: float | None, centripetal_weighting: bool,
     allow_zero_size: bool,
-) -> tuple[Tensor, Tensor]:
-    """(pair score, final score) for all K_tl×K_br pairs, each (B, K_tl, K_br); rejected pairs score -1.
-
-    The pair score orders the num_dets selection; the final score is the triplet rescoring
-    (2·s_pair + s_ct)/3 for mode "triplet" and equals the pair score otherwise.
-    """
+) -> Tensor:
+    """The pair score of all K_tl×K_br pairs, (B, K_tl, K_br); rejected pairs score -1 (see group_corners)."""
     s_tl, s_br = _pair_grid(tl_scores, br_scores)
     x1, x2 = _pair_grid(tl_xs, br_xs)
     y1, y2 = _pair_grid(tl_ys, br_ys)
@@ -116,10 +116,10 @@ def pair_scores_reference(
     else:
         keep = (x2 > x1) & (y2 > y1)
     keep = keep & (c_tl == c_br)
-    if mode in ("ae", "triplet"):
+    if mode == "ae":
         e_tl, e_br = _pair_grid(tl_embed, br_embed)
         keep = keep & ((e_tl - e_br).abs() <= ae_threshold)
-    if mode == "centripetal":
+    else:
         w, h = x2 - x1, y2 - y1
         mu = torch.where((w * h).abs() <= mu_area, mu_small, mu_large).to(score.dtype)
         cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
@@ -130,28 +130,8 @@ def pair_scores_reference(
         keep = keep & (tcx > rx1) & (tcx < rx2) & (bcx > rx1) & (bcx < rx2)
         keep = keep & (tcy > ry1) & (tcy < ry2) & (bcy > ry1) & (bcy < ry2)
         if centripetal_weighting:
-            score = score * torch.exp(-((tcx - bcx).abs() * (tcy - bcy).abs()) / ((rx2 - rx1) * (ry2 - ry1)))
-    minus_one = torch.full_like(score, -1.0)
-    score = torch.where(keep, score, minus_one)
-    final = score
-    if mode == "triplet":
-        w, h = x2 - x1, y2 - y1
-        n = torch.where(w * h <= region_area, region_n_small, region_n_large).to(score.dtype)
-        lo_x = ((n + 1) * x1 + (n - 1) * x2) / (2 * n)
-        hi_x = ((n - 1) * x1 + (n + 1) * x2) / (2 * n)
-        lo_y = ((n + 1) * y1 + (n - 1) * y2) / (2 * n)
-        hi_y = ((n - 1) * y1 + (n + 1) * y2) / (2 * n)
-        # (B, K_tl, K_br, K_ct): same class, strictly inside the central region; first match in centre order
-        cx, cy = ct_xs[:, None, None, :], ct_ys[:, None, None, :]
-        match = (ct_classes[:, None, None, :] == c_tl.unsqueeze(-1)) & (cx > lo_x.unsqueeze(-1)) & (
-            cx < hi_x.unsqueeze(-1)) & (cy > lo_y.unsqueeze(-1)) & (cy < hi_y.unsqueeze(-1))
-        if ct_scores.shape[1] == 0:
-            return score, minus_one
-        has = match.any(-1)
-        first = match.to(torch.uint8).argmax(-1)  # argmax returns the first of equal maxima
-        s_ct = torch.gather(ct_scores, 1, first.flatten(1)).view_as(score)
-        final = torch.where(keep & has, (2 * score + s_ct) / 3, minus_one)
-    return score, final
+            score = score * kpmath.exp(-((tcx - bcx).abs() * (tcy - bcy).abs()) / ((rx2 - rx1) * (ry2 - ry1)))
+    return torch.where(keep, score, torch.full_like(score, -1.0))
 
 
 def group_corners(
@@ -161,68 +141,52 @@ def group_corners(
     mode: str = "ae",
     tl_embed: Tensor | None = None,
     br_embed: Tensor | None = None,
-    ae_threshold: float = 0.5,
-    ct_scores: Tensor | None = None,
-    ct_classes: Tensor | None = None,
-    ct_xs: Tensor | None = None,
-    ct_ys: Tensor | None = None,
-    region_area: float = 22500.0,
-    region_n_small: float = 3.0,
-    region_n_large: float = 5.0,
+    ae_threshold: float | None = None,
     tl_ct_xs: Tensor | None = None,
     tl_ct_ys: Tensor | None = None,
     br_ct_xs: Tensor | None = None,
     br_ct_ys: Tensor | None = None,
-    mu_area: float = 3500.0,
-    mu_small: float = 1 / 2.1,
-    mu_large: float = 1 / 2.4,
+    mu_area: float | None = None,
+    mu_small: float | None = None,
+    mu_large: float | None = None,
     centripetal_weighting: bool = False,
     allow_zero_size: bool = True,
-    num_dets: int = 1000,
+    num_dets: int | None = None,
 ) -> CornerGroups:
-    """Group every top-left/bottom-right corner pair in one pass and keep the best `num_dets` (REFERENCE §4.1/4.2/4.4).
+    """Group every top-left/bottom-right corner pair in one pass and keep the best `num_dets` (REFERENCE §4.1/4.4).
 
     Corners are (B, K) tensors of score, class, x, y (offsets added, in the frame the caller wants the
     boxes in). A pair scores (s_tl + s_br)/2 and is rejected (score -1) unless the classes agree and
     br ≥ tl on both axes (> with allow_zero_size=False), plus, per mode:
       - "ae" (CornerNet eq. 4-5 grouping): |e_tl - e_br| <= ae_threshold;
-      - "triplet" (CenterNet §3.4): the ae test, then a centre of the same class strictly inside the
-        central region (n = region_n_small if w·h <= region_area else region_n_large) rescores the box
-        to (2·s_pair + s_ct)/3 using the first match in centre order; unmatched boxes score -1.
-        Centres are (B, K_ct) tensors in the same frame; the num_dets selection uses the pair score;
       - "centripetal" (CentripetalNet §3.3): all four shifted-centre coordinates (tl_ct_*, br_ct_*)
         strictly inside the central region centre ± μ·size/2, μ = mu_small if |w·h| <= mu_area else
-        mu_large (defaults: KD code, 1/2.1 for small boxes); centripetal_weighting multiplies the score
-        by exp(-|dx||dy|/area(R)) (paper eq. 5).
-    Selection order: module docstring. D = min(num_dets, K_tl·K_br).
+        mu_large; centripetal_weighting multiplies the score by exp(-|dx||dy|/area(R)) (paper eq. 5,
+        kpnet's exp: kpnet/ops/kpmath.py).
+    The recipe's values have no defaults: ae_threshold (ae), mu_area/mu_small/mu_large (centripetal) and
+    num_dets must be given. Selection order: module docstring. D = min(num_dets, K_tl·K_br).
     """
     if mode not in GROUP_MODES:
         raise KpnetError("group_corners", f"unknown mode {mode!r}; expected one of {', '.join(GROUP_MODES)}")
-    needed = {
-        "ae": ("tl_embed", "br_embed"),
-        "triplet": ("tl_embed", "br_embed", "ct_scores", "ct_classes", "ct_xs", "ct_ys"),
-        "centripetal": ("tl_ct_xs", "tl_ct_ys", "br_ct_xs", "br_ct_ys"),
-    }[mode]
-    given = dict(tl_embed=tl_embed, br_embed=br_embed, ct_scores=ct_scores, ct_classes=ct_classes, ct_xs=ct_xs,
-                 ct_ys=ct_ys, tl_ct_xs=tl_ct_xs, tl_ct_ys=tl_ct_ys, br_ct_xs=br_ct_xs, br_ct_ys=br_ct_ys)
-    missing = [name for name in needed if given[name] is None]
+    given = dict(tl_embed=tl_embed, br_embed=br_embed, ae_threshold=ae_threshold, tl_ct_xs=tl_ct_xs,
+                 tl_ct_ys=tl_ct_ys, br_ct_xs=br_ct_xs, br_ct_ys=br_ct_ys, mu_area=mu_area, mu_small=mu_small,
+                 mu_large=mu_large, num_dets=num_dets)
+    missing = [name for name in (*_NEEDS[mode], "num_dets") if given[name] is None]
     if missing:
         raise KpnetError("group_corners", f"mode {mode!r} needs {', '.join(missing)}")
     b, k_tl = tl_scores.shape
     k_br = br_scores.shape[1]
     args = (mode, tl_scores, tl_classes, tl_xs, tl_ys, br_scores, br_classes, br_xs, br_ys, tl_embed, br_embed,
-            ae_threshold, ct_scores, ct_classes, ct_xs, ct_ys, region_area, region_n_small, region_n_large,
-            tl_ct_xs, tl_ct_ys, br_ct_xs, br_ct_ys, mu_area, mu_small, mu_large, centripetal_weighting,
+            ae_threshold, tl_ct_xs, tl_ct_ys, br_ct_xs, br_ct_ys, mu_area, mu_small, mu_large, centripetal_weighting,
             allow_zero_size)
-    inputs = [t for t in (tl_scores, tl_xs, tl_ys, br_scores, br_xs, br_ys, *given.values()) if t is not None]
+    inputs = [t for t in (tl_scores, tl_xs, tl_ys, br_scores, br_xs, br_ys, *given.values()) if isinstance(t, Tensor)]
     kernel_dtypes = (torch.float32, torch.int64, torch.int32)  # the pair kernel computes in float32
     choice = dispatch.choose(tl_scores.device, all(t.dtype in kernel_dtypes for t in inputs))
     if choice.backend == "torch" or k_tl * k_br == 0:
-        pair, final = pair_scores_reference(*args)
+        pair = pair_scores_reference(*args)
     else:
-        pair, final = launch.pair_scores(*args, backend=choice.backend)
-    _, order = topk_stable(pair.reshape(b, k_tl * k_br), num_dets)
-    scores = torch.gather(final.reshape(b, -1), 1, order)
+        pair = launch.pair_scores(*args, backend=choice.backend)
+    scores, order = topk_stable(pair.reshape(b, k_tl * k_br), num_dets)
     tl_index = torch.div(order, max(k_br, 1), rounding_mode="floor")
     br_index = order % max(k_br, 1)
     boxes = torch.stack([torch.gather(tl_xs, 1, tl_index), torch.gather(tl_ys, 1, tl_index),

@@ -15,7 +15,7 @@ Semantics, shared by the reference below and the kernel in kpnet/cuda/nms.cu:
   active boxes' x1, y1 weighted by tl_score · (1 - w)^weight_exp (x2, y2 by br_score), summed in
   index order. tl/br scores travel with their box (the reference's unswapped columns 5-6 quirk is
   not reproduced).
-- All arithmetic is float32; scores must be finite.
+- All arithmetic is float32, exp and pow kpnet's (kpnet/ops/kpmath.py); scores must be finite.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch import Tensor
 
 from kpnet.cuda import dispatch, launch
 from kpnet.errors import KpnetError
+from kpnet.ops import kpmath
 
 METHODS = {"linear": 1, "gaussian": 2, "hard": 0}
 
@@ -68,13 +69,13 @@ def _soft_nms_class(
         inter = iw * ih
         iou = inter / (area_i + area_j - inter)
         if method == 2:
-            w = np.exp(-(iou * iou) / f(sigma))
+            w = kpmath.exp(torch.from_numpy(-(iou * iou) / f(sigma))).numpy()
         elif method == 1:
             w = np.where(iou > f(iou_threshold), f(1.0) - iou, f(1.0)).astype(f)
         else:
             w = np.where(iou > f(iou_threshold), f(0.0), f(1.0)).astype(f)
         if tl is not None:
-            mw = np.power(f(1.0) - w, f(weight_exp))
+            mw = kpmath.pow(torch.from_numpy(f(1.0) - w), weight_exp).numpy()
             tw = tl[rest] * mw
             bw = br[rest] * mw
             den_t = np.add.accumulate(np.concatenate([[tl[i]], tw]).astype(f))[-1]
@@ -128,12 +129,13 @@ def _order(keep: Tensor, new_scores: Tensor, new_boxes: Tensor, device: torch.de
 
 
 def soft_nms(
-    boxes: Tensor, scores: Tensor, classes: Tensor, method: str = "gaussian", sigma: float = 0.5,
-    iou_threshold: float = 0.5, score_threshold: float = 0.001, plus_one: bool = True,
+    boxes: Tensor, scores: Tensor, classes: Tensor, *, method: str, sigma: float, iou_threshold: float,
+    score_threshold: float = 0.001, plus_one: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Per-class soft-NMS (REFERENCE §4.5): (indices of kept boxes, their decayed scores), by score descending.
 
-    boxes (N, 4) as x1, y1, x2, y2; scores (N,); classes (N,). Semantics in this module's docstring.
+    boxes (N, 4) as x1, y1, x2, y2; scores (N,); classes (N,). method, sigma and iou_threshold are the
+    recipe's (no defaults). Semantics in this module's docstring.
     """
     keep, new_scores, _ = _run(boxes, scores, classes, None, None, method, sigma, iou_threshold, score_threshold,
                                plus_one, 0.0)
@@ -141,13 +143,14 @@ def soft_nms(
 
 
 def soft_nms_merge(
-    boxes: Tensor, scores: Tensor, classes: Tensor, tl_scores: Tensor, br_scores: Tensor,
-    method: str = "gaussian", sigma: float = 0.5, iou_threshold: float = 0.5, score_threshold: float = 0.001,
-    plus_one: bool = True, weight_exp: float = 8.0,
+    boxes: Tensor, scores: Tensor, classes: Tensor, tl_scores: Tensor, br_scores: Tensor, *,
+    method: str, sigma: float, iou_threshold: float, weight_exp: float, score_threshold: float = 0.001,
+    plus_one: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Soft-NMS whose kept boxes are merged with the boxes they suppress (REFERENCE §4.5 `soft_nms_merge`).
 
-    Returns (kept indices, decayed scores, merged boxes (M, 4)); weights (1 - w)^weight_exp × tl/br score.
+    Returns (kept indices, decayed scores, merged boxes (M, 4)); weights (1 - w)^weight_exp × tl/br score
+    (kpnet's pow: kpnet/ops/kpmath.py). method, sigma, iou_threshold and weight_exp are the recipe's.
     """
     if tl_scores.shape != scores.shape or br_scores.shape != scores.shape:
         raise KpnetError("soft_nms_merge", "tl_scores and br_scores must have the shape of scores")
