@@ -37,7 +37,8 @@ import torch.nn.functional as F
 from kpnet.cuda import emulator, launch
 from kpnet.engine import host_memory
 from kpnet.ops import DIRECTIONS, corner_pool, group_corners, heatmap_peaks
-from kpnet.ops.pooling import _SCAN, running_max_logstep
+from kpnet.cuda.launch import SCAN
+from kpnet.ops.pooling import running_max_logstep
 
 SHAPES = [(1, 128, 128, 128), (2, 256, 128, 128), (8, 128, 64, 64)]
 TARGET_SHAPES = SHAPES[:2]
@@ -100,7 +101,7 @@ def timed_vs_floor(fn, floor, repeat: int) -> tuple[float, float]:
 
 def naive_rows(x: torch.Tensor, direction: str) -> torch.Tensor:
     """The per-line loop of the original C++ extension (REFERENCE §8), one torch.maximum per row or column."""
-    dim, reverse = _SCAN[direction]
+    dim, reverse = SCAN[direction]
     n = x.shape[dim]
     order = range(n - 1, -1, -1) if reverse else range(n)
     lines, prev = [None] * n, None
@@ -119,7 +120,7 @@ def pool_calls(x: torch.Tensor, buffers: dict, direction: str, name: str) -> tup
     kernels into preallocated outputs, like the copy floor; the others allocate their outputs, as ops do.
     `buffers` (grad, out, grad_in, xg: tensors like x) are allocated once per shape, so that switching rows
     does not reshape the heap under the op rows."""
-    dim, reverse = _SCAN[direction]
+    dim, reverse = SCAN[direction]
     grad = buffers["grad"]
     if name == "kernel only":
         def kernel_fwd():

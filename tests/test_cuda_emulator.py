@@ -357,12 +357,12 @@ def test_missing_compiler_refuses_with_reason(monkeypatch):
 def test_pooling_gpu_thread_layout_bit_identical(lanes):
     """The GPU's launch shape (lanes=1: one scan line per thread) and a ragged one (3) give the reference's bits."""
     from kpnet.cuda import launch
-    from kpnet.ops.pooling import _SCAN
+    from kpnet.cuda.launch import SCAN
 
     g = torch.Generator().manual_seed(9)
     for x in (torch.randint(0, 3, (2, 3, 9, 7), generator=g).float(), torch.randn(1, 2, 6, 11, generator=g)):
         grad = torch.randn(x.shape, generator=g)
-        for direction, (dim, reverse) in _SCAN.items():
+        for direction, (dim, reverse) in SCAN.items():
             values, indices = torch.cummax(x.flip(dim) if reverse else x, dim)
             want = values.flip(dim) if reverse else values
             acc = torch.zeros(x.shape, dtype=torch.float64).scatter_add_(
@@ -380,13 +380,13 @@ def test_pooling_threads_of_whole_planes_bit_identical(planes):
     """H-scan CPU threads that own several planes (the backward pipelines one plane's pass 2 with the next
     plane's pass 1), the last thread with fewer, give the reference's bits."""
     from kpnet.cuda import launch
-    from kpnet.ops.pooling import _SCAN
+    from kpnet.cuda.launch import SCAN
 
     g = torch.Generator().manual_seed(12)
     x = torch.randint(-2, 3, (1, 7, 11, 21), generator=g).float()
     grad = torch.randn(x.shape, generator=g)
     for direction in ("top", "bottom"):
-        dim, reverse = _SCAN[direction]
+        dim, reverse = SCAN[direction]
         values, indices = torch.cummax(x.flip(dim) if reverse else x, dim)
         want = values.flip(dim) if reverse else values
         acc = torch.zeros(x.shape, dtype=torch.float64).scatter_add_(dim, indices,

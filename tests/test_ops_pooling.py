@@ -11,7 +11,8 @@ import torch
 
 from kpnet.errors import KpnetError
 from kpnet.ops import DIRECTIONS, corner_pool, line_max
-from kpnet.ops.pooling import _SCAN, running_max_logstep
+from kpnet.cuda.launch import SCAN
+from kpnet.ops.pooling import running_max_logstep
 
 
 @pytest.fixture(autouse=True)
@@ -60,7 +61,7 @@ def test_logstep_equals_reference(direction):
     x[0, 0, 4, 4] = float("inf")
     x[1, 2, 7, 1] = float("-inf")
     x[1, 1, 3, 3] = float("nan")
-    dim, reverse = _SCAN[direction]
+    dim, reverse = SCAN[direction]
     assert torch.equal(running_max_logstep(x, dim, reverse).nan_to_num(7e7), corner_pool(x, direction).nan_to_num(7e7))
 
 

@@ -12,6 +12,7 @@ from kpnet import __version__
 from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
 from kpnet.cuda import dispatch, emulator
 from kpnet.engine import host_memory
+from kpnet.errors import KpnetError
 
 OPS = ("corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge")
 
@@ -20,8 +21,12 @@ def _body(out: Output) -> dict[str, Any]:
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     rows = []
     for device in devices:
-        choice = dispatch.choose(device)
-        rows += [{"op": op, "device": device.type, "backend": choice.backend, "reason": choice.reason} for op in OPS]
+        try:
+            choice = dispatch.choose(device)
+            backend, reason = choice.backend, choice.reason
+        except KpnetError as e:  # the backend KPNET_KERNELS asks for cannot run here: ops would stop with this line
+            backend, reason = "unavailable", e.line()
+        rows += [{"op": op, "device": device.type, "backend": backend, "reason": reason} for op in OPS]
     cupy_ok, cupy_why = dispatch.cupy_status()
     emu_ok, emu_why = dispatch.emulator_status()
     table = Table(title=f"kpnet {__version__} kernels ({dispatch.KERNELS_ENV}={dispatch.mode()})")

@@ -1,5 +1,5 @@
 """Which backend runs an op: the CuPy kernels, the g++-compiled emulator of the same kernels, or
-the PyTorch reference (ARCHITECTURE.md, "Kernels: one source, three ways to run").
+the PyTorch reference (docs/architecture.md, "Kernels: one source, three ways to run").
 
 Rule: a CUDA tensor with a working CuPy runs the kernels; everything else runs the PyTorch
 reference. `KPNET_KERNELS` overrides it:

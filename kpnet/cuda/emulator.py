@@ -1,5 +1,5 @@
 """The CPU emulator: kpnet's .cu sources compiled by g++ through kpnet_shim.h, with one generated
-launcher per kernel that walks every block and thread (ARCHITECTURE.md, "Kernels: one source,
+launcher per kernel that walks every block and thread (docs/architecture.md, "Kernels: one source,
 three ways to run").
 
 The shared library is cached by a hash of the sources, the generated launchers, the compiler

@@ -1,6 +1,6 @@
 // Types and helpers shared by every kpnet kernel. Compiles under nvcc, NVRTC (no standard headers,
 // no INFINITY) and, through kpnet_shim.h, g++. Kernels use one thread per independent output, no
-// shared memory, no __syncthreads and no warp intrinsics (ARCHITECTURE.md), so the emulator, which
+// shared memory, no __syncthreads and no warp intrinsics (docs/architecture.md), so the emulator, which
 // runs the threads one after another, computes exactly what the GPU computes.
 #pragma once
 

@@ -57,7 +57,8 @@ _SCALARS = {  # C scalar type -> (ctypes type for the emulator, numpy type for C
     "kp_index": (ctypes.c_longlong, np.int64),
     "float": (ctypes.c_float, np.float32),
 }
-_SCAN = {"top": (2, True), "left": (3, True), "bottom": (2, False), "right": (3, False)}
+# direction -> (scanned dim of an (N, C, H, W) tensor, whether the scan runs from the high end); ops.pooling reads it too
+SCAN = {"top": (2, True), "left": (3, True), "bottom": (2, False), "right": (3, False)}
 
 
 def grid_for(n_threads: int, block: int = BLOCK) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
@@ -141,7 +142,7 @@ def corner_pool_forward(x: Tensor, direction: str, backend: str, lanes: int | No
                         out: Tensor | None = None) -> Tensor:
     """Corner pooling forward by kernel (kpnet/cuda/pooling.cu); `lanes` overrides pool_lanes (tests), `out`
     is a contiguous tensor like x to write into (benchmarks/ops.py times the kernel alone with it)."""
-    dim, reverse = _SCAN[direction]
+    dim, reverse = SCAN[direction]
     x = x.contiguous()
     out = torch.empty_like(x) if out is None else out
     lines = _lines(x, dim)
@@ -160,7 +161,7 @@ def corner_pool_backward(x: Tensor, grad: Tensor, direction: str, backend: str, 
                          grad_in: Tensor | None = None) -> Tensor:
     """Corner pooling backward by kernel: recompute the argmax from x, sum gradients in double; `grad_in`
     as `out` of corner_pool_forward (float32 and float64 only: 16-bit types sum into a float64 buffer)."""
-    dim, reverse = _SCAN[direction]
+    dim, reverse = SCAN[direction]
     x, grad = x.contiguous(), grad.contiguous().to(x.dtype)
     grad_in = _grad_buffer(x) if grad_in is None else grad_in
     lines = _lines(x, dim)

@@ -27,11 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kpnet.cuda import dispatch, launch
+from kpnet.cuda.launch import SCAN
 from kpnet.errors import KpnetError
 
 DIRECTIONS = ("top", "left", "bottom", "right")
-# direction -> (scanned dim of an (N, C, H, W) tensor, whether the scan runs from the high end)
-_SCAN = {"top": (2, True), "left": (3, True), "bottom": (2, False), "right": (3, False)}
 
 
 def _check(x: Tensor, op: str) -> None:
@@ -139,10 +138,10 @@ def corner_pool(x: Tensor, direction: str) -> Tensor:
     top: max over rows k >= i; left: max over columns k >= j; bottom: rows k <= i; right: columns k <= j.
     Tie, NaN and gradient rules are in this module's docstring.
     """
-    if direction not in _SCAN:
+    if direction not in SCAN:
         raise KpnetError("corner_pool", f"unknown direction {direction!r}; expected one of {', '.join(DIRECTIONS)}")
     _check(x, "corner_pool")
-    dim, reverse = _SCAN[direction]
+    dim, reverse = SCAN[direction]
     if torch.onnx.is_in_onnx_export():
         return running_max_logstep(x, dim, reverse)
     if x.shape[dim] == 0 or x.numel() == 0:
