@@ -70,16 +70,18 @@ def draw_detections(image: np.ndarray, dets: Detections, class_names: Sequence[s
 
 
 def draw_regions(image: np.ndarray, regions: np.ndarray, centres: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """Triplet central regions (thin outlines, the box's class colour) and, as a filled dot, the centre
-    keypoint that validated each box (CenterNet triplets §3.1); a row of NaN centre draws no dot."""
+    """Central regions (thin outlines, the box's class colour) and, as filled dots, the keypoints that validated
+    each box: (N, 2) the triplet centre (CenterNet triplets §3.1), or (N, 4) CentripetalNet's two centres
+    decoded from the corners (CentripetalNet eq. 1); a NaN point draws no dot."""
     out = image.copy()
     radius = 2 * line_thickness(*out.shape[:2])
-    for (x1, y1, x2, y2), (cx, cy), cls in zip(np.asarray(regions, np.float64).reshape(-1, 4),
-                                               np.asarray(centres, np.float64).reshape(-1, 2), classes, strict=True):
+    points = np.asarray(centres, np.float64).reshape(len(classes), -1, 2)
+    for (x1, y1, x2, y2), row, cls in zip(np.asarray(regions, np.float64).reshape(-1, 4), points, classes, strict=True):
         colour = class_colour(int(cls))
         cv2.rectangle(out, (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2))), colour, 1)
-        if np.isfinite(cx) and np.isfinite(cy):
-            cv2.circle(out, (int(round(cx)), int(round(cy))), radius, colour, -1, cv2.LINE_AA)
+        for cx, cy in row:
+            if np.isfinite(cx) and np.isfinite(cy):
+                cv2.circle(out, (int(round(cx)), int(round(cy))), radius, colour, -1, cv2.LINE_AA)
     return out
 
 

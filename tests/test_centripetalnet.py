@@ -178,3 +178,14 @@ def test_all_gt_decode_on_shapes(shapes_small: Path) -> None:
 @pytest.mark.slow
 def test_all_gt_decode_on_coco_tiny(data_dir: Path) -> None:
     assert all_gt_ap(data_dir / "coco_tiny", "annotations/instances_val2017.json", "val2017", 80) >= 0.99
+
+
+def test_trains_under_bfloat16_autocast_on_cpu() -> None:
+    """torchvision's CPU deformable convolution has no bfloat16 kernel; the cross-star DCN runs in float32 there."""
+    torch.manual_seed(0)
+    backbone = hourglass_small(num_stacks=1, dims=(8, 8, 16), modules=(1, 1, 1), stem_channels=8, cnv_channels=8)
+    net = CentripetalNetwork(backbone, 2).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = net(torch.randn(2, 3, 32, 32))
+    sum(v.float().sum() for v in out[0].values()).backward()
+    assert net.tl_shifts[0].dcn.weight.grad.abs().sum() > 0

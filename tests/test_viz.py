@@ -276,3 +276,26 @@ def test_regions_for_triplet_models_only(setup: dict[str, Path], tmp_path: Path)
     assert cv2.imread(files[-1]).shape == cv2.imread(str(image)).shape
     points = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(setup["ckpt"]), "--regions", "--json"])
     assert points.exit_code == 2 and "--regions" in json.loads(points.stdout)["error"]
+
+
+def test_regions_of_centripetalnet_draw_both_decoded_centres(setup: dict[str, Path], tmp_path: Path) -> None:
+    from kpnet.config import load_recipe
+    from kpnet.engine.checkpoint import save_checkpoint
+    from kpnet.models import build_model
+    from kpnet.viz import draw_regions
+
+    image = np.full((100, 120, 3), 90, np.uint8)
+    drawn = draw_regions(image, np.array([[20.0, 30.0, 60.0, 70.0]]), np.array([[35.0, 45.0, 45.0, 55.0]]), [1])
+    diff = (drawn != image).any(axis=2)
+    assert diff[45, 35] and diff[55, 45] and not diff[50, 40]  # a dot at each centre, none between them
+    recipe = load_recipe(REPO / "recipes" / "centripetalnet_small_shapes.yaml", [
+        f"data.root={setup['shapes']}", "model.hg_dims=[8,8,8,8,8]", "model.hg_stem=8", "model.hg_cnv=8"])
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "cp.pt", build_model(recipe), recipe)
+    source = setup["shapes"] / "val" / "000002.jpg"
+    result = CliRunner().invoke(app, ["viz", str(source), "--checkpoint", str(ckpt), "--regions", "--score-thresh", "0",
+                                      "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["files"]
+    assert files[-1] == str(tmp_path / "000002_regions.png")
+    assert cv2.imread(files[-1]).shape == cv2.imread(str(source)).shape

@@ -157,7 +157,8 @@ def visualize_command(
     score_thresh: Annotated[float, typer.Option("--score-thresh", help="Draw detections scoring at least this.")] = 0.3,
     heatmaps: Annotated[bool, typer.Option("--heatmaps", help="Also write each heat head blended over the image.")] = False,
     regions: Annotated[bool, typer.Option(
-        "--regions", help="Triplet models: draw each box's central region and the centre that validated it.")] = False,
+        "--regions", help="Triplet and CentripetalNet models: draw each box's central region and the centre(s) that "
+                          "validated it.")] = False,
     gt: Annotated[Path | None, typer.Option("--gt", help="COCO annotations: overlay the ground truth by file name.")] = None,
     ann: Annotated[Path | None, typer.Option("--ann", help="Browse a data set: its COCO annotation file.")] = None,
     image_dir: Annotated[Path | None, typer.Option("--images", help="With --ann: the folder of its images.")] = None,
@@ -198,7 +199,8 @@ def visualize_command(
             family = detector.recipe.family
             heat_heads = detector.heat_heads if heatmaps else ()
             if regions and not detector.has_central_regions:
-                raise KpnetError("--regions", f"{family!r} models have no central regions (centernet_triplet models do)")
+                raise KpnetError("--regions", f"{family!r} models have no central regions "
+                                              "(centernet_triplet and centripetalnet models do)")
             names, source, why = viz.class_names_for(detector.recipe)
             if detector.class_names and len(detector.class_names) == detector.recipe.model.num_classes:
                 names, source = list(detector.class_names), f"{ckpt} (training set)"

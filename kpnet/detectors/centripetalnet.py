@@ -56,7 +56,10 @@ class CrossStarShift(nn.Module):
 
     def forward(self, pooled: Tensor) -> tuple[Tensor, Tensor]:
         guiding = self.guiding_shift(pooled)
-        adapted = self.dcn(pooled, self.dcn_offset(guiding.detach()))
+        offset = self.dcn_offset(guiding.detach())
+        # torchvision's CPU deformable convolution has no bfloat16 kernel: it runs in float32 under autocast.
+        with torch.autocast(pooled.device.type, enabled=False):
+            adapted = self.dcn(pooled.float(), offset.float())
         return guiding, self.centripetal_shift(adapted)
 
 
@@ -109,6 +112,7 @@ class CentripetalNetDetector(CornerDetector):
          "w/ gt heatmaps + offsets + centripetal shifts"),
         (HEADS, "w/ gt all heads"),
     )
+    has_central_regions = True
     decoding: CentripetalDecoding
 
     @staticmethod
@@ -173,6 +177,18 @@ class CentripetalNetDetector(CornerDetector):
         dets = Detections(boxes.flatten(0, 1), groups.scores.flatten(), groups.classes.flatten(),
                           corner_scores.flatten(0, 1), centres=centres.flatten(0, 1))
         return ScaleOutput(dets.select(dets.scores > -1))
+
+    def central_regions(self, dets: Detections) -> tuple[Tensor, Tensor]:
+        """Each box's central region (eq. 3-4, μ by the box's area in image pixels, which equal input pixels at
+        scale 1) and the two centres its corners decoded (tl then br)."""
+        d = self.decoding
+        x1, y1, x2, y2 = dets.boxes.unbind(-1)
+        w, h = x2 - x1, y2 - y1
+        mu = torch.where((w * h).abs() <= d.mu_area, d.mu_small, d.mu_large).to(dets.boxes.dtype)
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        regions = torch.stack([cx - mu * w / 2, cy - mu * h / 2, cx + mu * w / 2, cy + mu * h / 2], -1)
+        centres = dets.centres if dets.centres is not None else torch.full((len(dets), 4), float("nan"))
+        return regions, centres
 
     def input_stride(self, out_h: int, out_w: int) -> tuple[float, float]:
         """Input pixels per output cell along x and y for this recipe's test pad rule: inp = 4·out − (1 − pad_add)."""
