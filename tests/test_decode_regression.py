@@ -2,7 +2,10 @@
 CornerNet, triplets) trained 60 iterations from a fixed seed are decoded under six test settings (single
 scale, flip, three scales with soft-NMS, with soft-NMS merge, linear soft-NMS, triplets without the
 central region) and each results list must hash to the digest recorded before the Detector interface
-landed (the per-family `detect`/`postprocess` functions of commit 2bc572c).
+landed (the per-family `detect`/`postprocess` functions of commit 2bc572c). One digest was re-recorded
+afterwards, on purpose: soft-NMS now computes its gaussian decay and merge weights with kpnet's correctly
+rounded exp/pow (`kpnet.ops.kpmath`, the kernels' arithmetic) instead of torch's float32 exp/pow, which
+moves a few merged triplet boxes across a rounding boundary of the results JSON.
 
 Float results depend on the CPU's arithmetic, so the training losses are fingerprinted too: where they
 differ from the recorded ones the machine computes differently from the one the digests came from and
@@ -49,7 +52,7 @@ RESULTS = {  # sha256[:16] of json.dumps(results) for (recipe, variant)
     ("centernet_triplet_small_shapes", "default"): "07eb519c0d815048",
     ("centernet_triplet_small_shapes", "flip"): "7324117b41e269bf",
     ("centernet_triplet_small_shapes", "multiscale"): "176498c9547753ec",
-    ("centernet_triplet_small_shapes", "merge"): "7c413d805f04a552",
+    ("centernet_triplet_small_shapes", "merge"): "18d299ceedc46711",  # re-recorded: soft-NMS's own exp/pow
     ("centernet_triplet_small_shapes", "linear"): "8d9421179f905597",
     ("centernet_triplet_small_shapes", "nocre"): "b595b71c586a0be5",
 }
