@@ -75,7 +75,8 @@ def draw_regions(image: np.ndarray, regions: np.ndarray, centres: np.ndarray, cl
     decoded from the corners (CentripetalNet eq. 1); a NaN point draws no dot."""
     out = image.copy()
     radius = 2 * line_thickness(*out.shape[:2])
-    points = np.asarray(centres, np.float64).reshape(len(classes), -1, 2)
+    flat = np.asarray(centres, np.float64)
+    points = flat.reshape(len(classes), flat.size // max(len(classes), 1) // 2, 2)  # (N, points per box, 2)
     for (x1, y1, x2, y2), row, cls in zip(np.asarray(regions, np.float64).reshape(-1, 4), points, classes, strict=True):
         colour = class_colour(int(cls))
         cv2.rectangle(out, (int(round(x1)), int(round(y1))), (int(round(x2)), int(round(y2))), colour, 1)
