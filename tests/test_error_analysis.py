@@ -124,7 +124,7 @@ def test_all_heads_replaced_on_coco_tiny(tmp_path: Path) -> None:
     assert doc["rows"][1]["bbox"]["AP"] >= 0.99
 
 
-@pytest.mark.parametrize("family", ["cornernet", "centernet_triplet"])
+@pytest.mark.parametrize("family", ["cornernet", "centernet_triplet", "centripetalnet"])
 def test_all_heads_replaced_for_corner_families_on_shapes(family: str, shapes_setup: tuple[Path, list[str]],
                                                           tmp_path: Path) -> None:
     from kpnet.config import load_recipe
