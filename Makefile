@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/ops.py
 	$(PY) benchmarks/data_pipeline.py
 	$(PY) benchmarks/collision_stats.py
+	$(PY) benchmarks/eval.py
 
 clean:
 	rm -rf $(VENV) runs
