@@ -165,8 +165,14 @@ def test_signal_during_a_results_write_leaves_no_partial_file(tmp_path: Path, si
         tmp.write_text('[{"image_id": 1, ')
         os.kill(os.getpid(), signum)
 
-    with pytest.raises(typer.Exit) as e:
-        run(False, False, lambda out: atomic_write(target, interrupted))
+    # A process started in the background of a non-interactive shell inherits SIGINT ignored; the command
+    # under test is a normally started one, whose SIGINT raises KeyboardInterrupt.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(typer.Exit) as e:
+            run(False, False, lambda out: atomic_write(target, interrupted))
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert e.value.exit_code == code
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
