@@ -80,6 +80,14 @@ def padded_side(side: int, pad: int, pad_add: int) -> int:
     return (side | pad) + pad_add
 
 
+def padded_dim(name: str, pad: int, pad_add: int) -> Any:
+    """A dynamic side that follows the pad rule: (pad + 1)·k − 1 + pad_add for pad = 2^m − 1 (so the exporter can
+    reason about the strided sizes, which DLA-34 needs), else any size."""
+    if (pad + 1) & pad:
+        return torch.export.Dim.DYNAMIC
+    return (pad + 1) * torch.export.Dim(f"{name}_blocks", min=1, max=4096) + (pad_add - 1)
+
+
 def check_out(out: Path) -> None:
     """Exit 2 before exporting when `out` (and its sidecar) cannot be written."""
     folder = out.parent
@@ -108,10 +116,9 @@ def export_onnx(
     graph = ExportGraph(detector.eval(), heads_only, t.flip)
     side = padded_side(detector.recipe.train.input_size, t.pad, t.pad_add)
     example = torch.zeros(batch or 2, 3, *(input_hw or (side, side)))  # 2: a dynamic dimension must not trace as 1
-    dim = torch.export.Dim.DYNAMIC
-    dynamic = {0: dim} if batch is None else {}
+    dynamic: dict[int, Any] = {0: torch.export.Dim.DYNAMIC} if batch is None else {}
     if input_hw is None:
-        dynamic.update({2: dim, 3: dim})
+        dynamic.update({2: padded_dim("height", t.pad, t.pad_add), 3: padded_dim("width", t.pad, t.pad_add)})
     names = graph.output_names()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
