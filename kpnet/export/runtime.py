@@ -60,13 +60,13 @@ class OnnxModel:
             if exported != given:
                 raise KpnetError("--onnx", f"{self.path.name} was exported with {key}={exported!r}, the recipe has "
                                            f"{given!r}: re-export, or --set {key}={exported}")
-        if self.heads_only and t.flip and self.sidecar["input"]["batch"] not in ("dynamic", 2):
-            raise KpnetError("--onnx", f"the flip test needs a batch of 2; {self.path.name} was exported for batch "
-                                       f"{self.sidecar['input']['batch']}")
 
     def run(self, batch: np.ndarray) -> dict[str, Tensor]:
         """The graph's outputs by name for an (N, 3, H, W) input."""
-        size = self.sidecar["input"]["size"]
+        size, n = self.sidecar["input"]["size"], self.sidecar["input"]["batch"]
+        if n != "dynamic" and batch.shape[0] != n:
+            raise KpnetError("--onnx", f"{self.path.name} takes batches of {n}; kpnet feeds {batch.shape[0]} (export with "
+                                       "--batch dynamic)")
         if size != "dynamic" and list(batch.shape[-2:]) != size:
             raise KpnetError("--onnx", f"{self.path.name} takes {size[0]}x{size[1]} inputs; this image pads to "
                                        f"{batch.shape[-2]}x{batch.shape[-1]} (export with --input-size dynamic)")
