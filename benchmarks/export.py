@@ -1,11 +1,12 @@
 """Per-image latency of PyTorch eager (inference mode) vs onnxruntime CPU on the same exported detector.
 
-    python benchmarks/export.py [--out runs/bench_export] [--repeats 10]
+    python benchmarks/export.py [--out runs/bench_export] [--repeats 10] [--threads N]
 
 For the quickstart model (128x128 shapes images, padded to 128x128) and for HG-52 CornerNet at 511x511 (both
 untrained: latency does not depend on the weights), exports the detections graph with `kpnet.export.graph`,
 then times the network plus its graph decode in PyTorch (`torch.inference_mode`) and the ONNX model in
-onnxruntime (CPU provider, default threads) on one image, and prints the median ms per image and the ratio.
+onnxruntime (CPU provider, default threads) on one image (flip in the graph where the recipe tests with flip: a batch of
+2 through the network, as HG-52 CornerNet does), and prints the median ms per image after 3 warm-up calls and the ratio.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ REPO = Path(__file__).resolve().parents[1]
 CASES = (("quickstart", 128), ("cornernet_hg52", 511))
 
 
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
+def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):  # oneDNN and onnxruntime pick their kernels in the first calls
+        fn()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -40,9 +42,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/bench_export"))
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=0, help="threads for both runtimes (0: their defaults)")
     args = parser.parse_args()
     import onnxruntime
 
+    options = onnxruntime.SessionOptions()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        options.intra_op_num_threads = args.threads
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), onnxruntime {onnxruntime.__version__}")
     print(f"{'model':<16}{'input':>10}{'eager ms':>11}{'ort ms':>9}{'eager/ort':>11}")
     for name, side in CASES:
@@ -52,7 +59,7 @@ def main() -> None:
         export_onnx(detector, path)
         graph = ExportGraph(detector, heads_only=False, flip=detector.test.flip)
         image = torch.randn(1, 3, side, side)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def eager() -> None:
             with torch.inference_mode():
