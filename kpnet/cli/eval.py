@@ -80,7 +80,7 @@ def eval_command(
             results_path = None
         else:
             if recipe is None or (checkpoint is None) == (onnx is None):
-                raise KpnetError("eval", "give RECIPE and one of --checkpoint CKPT or --onnx MODEL, or --gt ANN --dets RESULTS")
+                raise KpnetError("eval", "give RECIPE and --checkpoint CKPT (or --onnx MODEL), or --gt ANN --dets RESULTS")
             check_device(device)
             coco_gt, results, results_path, info = _predict(o, recipe, checkpoint or onnx, overrides, split, flip, scales,
                                                             out, device, onnx is not None)
