@@ -23,6 +23,7 @@ def load_checkpoint(path: str | Path, recipe: Recipe | None = None, device: str 
     detector = build_detector(recipe or checkpoint_recipe(doc, path))
     load_weights(detector.network, doc, path)
     detector.class_names = doc.get("class_names")
+    detector.cat_ids = doc.get("cat_ids")
     return detector.to(device).eval()
 
 

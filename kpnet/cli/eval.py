@@ -44,6 +44,8 @@ def stats_table(title: str, stats: dict[str, float], per_row: int = 3) -> Table:
 def eval_command(
     recipe: Annotated[Path | None, typer.Argument(help="Recipe YAML of the checkpoint's model.")] = None,
     checkpoint: Annotated[Path | None, typer.Option("--checkpoint", help="Checkpoint to evaluate.")] = None,
+    onnx: Annotated[Path | None, typer.Option(
+        "--onnx", help="Evaluate an exported model (kpnet export) in onnxruntime instead of a checkpoint.")] = None,
     overrides: SetOpt = None,
     split: Annotated[str, typer.Option("--split", help="train or val.")] = "val",
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Flip test (default: the recipe's).")] = None,
@@ -74,17 +76,18 @@ def eval_command(
         if gt is not None or dets is not None:
             if gt is None or dets is None:
                 raise KpnetError("--gt/--dets", "give both --gt ANN and --dets RESULTS to score a results file")
-            if recipe is not None or checkpoint is not None:
-                raise KpnetError("--gt/--dets", "scores an existing results file: drop RECIPE and --checkpoint")
+            if recipe is not None or checkpoint is not None or onnx is not None:
+                raise KpnetError("--gt/--dets", "scores an existing results file: drop RECIPE, --checkpoint and --onnx")
             coco_gt = load_gt(gt)
             coco_dt = evaluation.load_dets(dets, coco_gt)
             doc.update({"gt": str(gt), "dets": str(dets)})
             results_path = None
         else:
-            if recipe is None or checkpoint is None:
-                raise KpnetError("eval", "give RECIPE and --checkpoint CKPT, or --gt ANN --dets RESULTS")
+            if recipe is None or (checkpoint is None) == (onnx is None):
+                raise KpnetError("eval", "give RECIPE and --checkpoint CKPT (or --onnx MODEL), or --gt ANN --dets RESULTS")
             check_device(device)
-            coco_gt, results, results_path, info = _predict(o, recipe, checkpoint, overrides, split, flip, scales, out, device)
+            coco_gt, results, results_path, info = _predict(o, recipe, checkpoint or onnx, overrides, split, flip, scales,
+                                                            out, device, onnx is not None)
             coco_dt = evaluation.load_dets(results, coco_gt, source="predictions")
             doc.update(info)
         types = ["bbox", "segm"] if iou_type == "auto" and evaluation.has_masks(coco_dt) else \
@@ -114,9 +117,10 @@ def eval_command(
 
 def _predict(
     o: Output, recipe_path: Path, checkpoint: Path, overrides: list[str] | None, split: str,
-    flip: bool | None, scales: str | None, out: Path | None, device: str,
+    flip: bool | None, scales: str | None, out: Path | None, device: str, is_onnx: bool,
 ) -> tuple[Any, list[dict[str, Any]], Path, dict[str, Any]]:
     import dataclasses
+    import functools
 
     from rich.progress import Progress
 
@@ -134,14 +138,21 @@ def _predict(
         test = dataclasses.replace(test, scales=tuple(values))
     r = dataclasses.replace(r, test=test)
     index = load_split(r, split)
-    detector = load_checkpoint(checkpoint, recipe=r, device=device)
+    detect = None
+    if is_onnx:
+        from kpnet.export.runtime import load_onnx
+
+        model, detector = load_onnx(checkpoint, r)
+        detect = functools.partial(model.detect, detector)
+    else:
+        detector = load_checkpoint(checkpoint, recipe=r, device=device)
     with Progress(console=o.err, transient=True) as bar:
         task = bar.add_task(f"eval {split}", total=len(index.image_ids))
-        results = predict_dataset(detector, index, r.data.num_workers, on_image=lambda: bar.advance(task))
-    results_path = out or checkpoint.parent / f"results_{split}.json"
+        results = predict_dataset(detector, index, r.data.num_workers, on_image=lambda: bar.advance(task), detect=detect)
+    results_path = out or checkpoint.parent / f"results_{split}{'_onnx' if is_onnx else ''}.json"
     atomic_write_json(results_path, results)
     info = {
-        "recipe": str(recipe_path), "checkpoint": str(checkpoint), "split": split, "images": len(index.image_ids),
+        "recipe": str(recipe_path), "onnx" if is_onnx else "checkpoint": str(checkpoint), "split": split, "images": len(index.image_ids),
         "detections": len(results), "results_file": str(results_path), "flip": test.flip, "scales": list(test.scales),
     }
     return index.coco, results, results_path, info

@@ -119,7 +119,7 @@ def _check_usage(images: list[Path], browse: bool, image_dir: Path | None, ids: 
 
 
 def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thresh: float,
-               heat_heads: tuple[str, ...], regions: bool = False) -> dict[str, Any]:
+               heat_heads: tuple[str, ...], regions: bool = False, onnx_model: Any = None) -> dict[str, Any]:
     """Draw one input's PNGs (ground truth, detections, heat heads) and describe them for --json."""
     from kpnet import viz
     from kpnet.data.dataset import read_image
@@ -133,7 +133,10 @@ def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thres
     if detector is None:
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_gt.png", drawn)))
         return entry
-    inference = viz.infer(detector, image)
+    if onnx_model is None:
+        inference = viz.infer(detector, image)
+    else:  # an exported model in onnxruntime: detections only (no heads to draw)
+        inference = viz.Inference(onnx_model.detect(detector, image), {}, {}, 1.0)
     dets = inference.dets.select(inference.dets.scores >= score_thresh)
     entry["detections"] = [{"bbox": [round(v, 2) for v in box], "score": round(score, 4), "class": cls, "name": names[cls]}
                            for box, score, cls in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.classes.tolist())]
@@ -152,6 +155,8 @@ def visualize_command(
     recipe: Annotated[Path | None, typer.Option("--recipe", help="Recipe YAML (default: the checkpoint's own).")] = None,
     checkpoint: Annotated[Path | None, typer.Option(
         "--checkpoint", help="Checkpoint (default: the newest runs/**/last.pt).")] = None,
+    onnx: Annotated[Path | None, typer.Option(
+        "--onnx", help="Draw with an exported model (kpnet export) in onnxruntime; needs --recipe.")] = None,
     overrides: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the PNGs.")] = Path("viz"),
     score_thresh: Annotated[float, typer.Option("--score-thresh", help="Draw detections scoring at least this.")] = 0.3,
@@ -179,14 +184,25 @@ def visualize_command(
         if len(set(stems)) != len(stems):
             dup = next(s for s in stems if stems.count(s) > 1)
             raise KpnetError("--out", f"two inputs share the name {dup!r}, so their PNGs would collide; draw them separately")
-        use_model = not browse or checkpoint is not None or recipe is not None
+        use_model = not browse or checkpoint is not None or recipe is not None or onnx is not None
         if heatmaps and not use_model:
             raise KpnetError("--heatmaps", "needs a model: add --checkpoint CKPT")
+        if onnx is not None and (checkpoint is not None or recipe is None or heatmaps):
+            raise KpnetError("--onnx", "give --recipe RECIPE with --onnx MODEL, without --checkpoint or --heatmaps")
 
         doc: dict[str, Any] = {"checkpoint": None, "recipe": None, "class_names_from": None, "score_thresh": score_thresh,
                                "out": str(out), "images": [], "files": []}
-        detector, names, heat_heads = None, [], ()
-        if use_model:
+        detector, names, heat_heads, onnx_model = None, [], (), None
+        if onnx is not None:
+            from kpnet.config import load_recipe
+            from kpnet.export.runtime import load_onnx
+
+            onnx_model, detector = load_onnx(onnx, load_recipe(recipe, list(overrides or [])))
+            if regions and not detector.has_central_regions:
+                raise KpnetError("--regions", f"{detector.recipe.family!r} models have no central regions")
+            names = list(detector.class_names)
+            doc.update({"onnx": str(onnx), "recipe": str(recipe), "class_names_from": f"{onnx.with_suffix('.json')}"})
+        elif use_model:
             from kpnet.api import load_checkpoint
             from kpnet.config import load_recipe
 
@@ -209,7 +225,7 @@ def visualize_command(
             doc.update({"checkpoint": str(ckpt), "recipe": None if recipe is None else str(recipe), "class_names_from": source})
 
         for it in items:
-            entry = _draw_item(it, out, detector, names, score_thresh, heat_heads, regions)
+            entry = _draw_item(it, out, detector, names, score_thresh, heat_heads, regions, onnx_model)
             counts = [_count(len(entry["detections"]), "detection", "s") if "detections" in entry else "",
                       _count(entry["gt"], "ground-truth box", "es") if entry["gt"] is not None else ""]
             o.print(f"{it.path}: {', '.join(c for c in counts if c)} -> {', '.join(entry['files'])}",

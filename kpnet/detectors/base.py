@@ -118,11 +118,13 @@ class Detector(ABC):
     heat_heads: ClassVar[tuple[str, ...]]
     error_rows: ClassVar[tuple[tuple[tuple[str, ...], str], ...]]  # (heads replaced, the paper's row name)
     has_central_regions: ClassVar[bool] = False  # whether `central_regions` draws anything (viz --regions)
+    export_outputs: ClassVar[tuple[str, ...]] = ()  # the outputs of `export_decode`, in order (empty: no export decode)
 
     def __init__(self, recipe: Recipe, network: nn.Module | None = None) -> None:
         self.recipe = recipe
         self.network = network if network is not None else self.build_network(build_backbone(recipe.model), recipe.model)
         self.class_names: list[str] | None = None  # the training set's category names, when a checkpoint recorded them
+        self.cat_ids: list[int] | None = None  # the training set's category ids (class c <-> cat_ids[c]), likewise
 
     @staticmethod
     @abstractmethod
@@ -153,6 +155,17 @@ class Detector(ABC):
         """(N, 4) central regions of image-pixel detections and (N, 2) the keypoints that validated each box
         (NaN where none), for families with `has_central_regions`."""
         raise NotImplementedError(f"{type(self).__name__} has no central regions")
+
+    def export_decode(self, outputs: dict[str, Tensor], flip: bool, down: tuple[Any, Any]) -> dict[str, Tensor]:
+        """`decode` as fixed-shape tensor ops for an exported graph, on a batch (images, then their flipped copies
+        under `flip`): `export_outputs` by name, coordinates in input pixels (output grid × `down` = (x, y) stride)."""
+        raise NotImplementedError(f"{type(self).__name__} has no export decode")
+
+    def export_scale_output(self, outputs: dict[str, Tensor]) -> ScaleOutput:
+        """One image's `export_decode` outputs -> the `ScaleOutput` that `decode` gives (in input pixels), rows
+        scoring −1 (rejected or padding) dropped: the host side of a detections graph."""
+        dets = Detections(outputs["boxes"], outputs["scores"], outputs["classes"], outputs.get("corner_scores"))
+        return ScaleOutput(dets.select(dets.scores > -1))
 
     @property
     def test(self) -> TestConfig:

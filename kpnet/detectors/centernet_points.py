@@ -8,7 +8,9 @@ and the flip rule (heatmaps and sizes averaged, offsets from the original only; 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,6 +18,7 @@ from torch import Tensor, nn
 
 from kpnet.config import ModelConfig, Recipe
 from kpnet.detectors.base import Detections, Detector, ScaleOutput, TargetRenderer
+from kpnet.export.decode import export_peaks, flip_halves, to_input_pixels
 from kpnet.layers import HEAT_BIAS, kp_head
 from kpnet.losses import focal_loss, heat_sigmoid, reg_l1_loss
 from kpnet.ops import heatmap_peaks
@@ -44,20 +47,24 @@ class CenterNetPoints(nn.Module):
         ]
 
 
-def merge_flip(outputs: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Average hm and wh of a [image, flipped image] batch; reg from the original (REFERENCE §4.6)."""
-    hm = outputs["hm"].sigmoid()
-    hm = (hm[0:1] + hm[1:2].flip(-1)) / 2
-    wh = (outputs["wh"][0:1] + outputs["wh"][1:2].flip(-1)) / 2
-    return {"hm": hm, "wh": wh, "reg": outputs["reg"][0:1]}
+def merged_heads(outputs: dict[str, Tensor], flip: bool) -> dict[str, Tensor]:
+    """hm as probabilities; under flip, hm and wh of an [images, flipped images] batch averaged and reg from the
+    originals (REFERENCE §4.6)."""
+    if not flip:
+        return {"hm": outputs["hm"].sigmoid(), "wh": outputs["wh"], "reg": outputs["reg"]}
+    hm, hm_flipped = flip_halves(outputs["hm"].sigmoid())
+    wh, wh_flipped = flip_halves(outputs["wh"])
+    return {"hm": (hm + hm_flipped.flip(-1)) / 2, "wh": (wh + wh_flipped.flip(-1)) / 2, "reg": flip_halves(outputs["reg"])[0]}
 
 
-def decode_points(hm: Tensor, wh: Tensor, reg: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+def decode_points(hm: Tensor, wh: Tensor, reg: Tensor, k: int,
+                  peaks: Callable[..., tuple[Tensor, ...]] = heatmap_peaks) -> tuple[Tensor, Tensor, Tensor]:
     """Peaks -> boxes (B, K, 4) in output-grid units, scores (B, K), classes (B, K) (REFERENCE §4.3).
 
-    `hm` holds probabilities; a box is (cx + ox ± w/2, cy + oy ± h/2) at each of the top-K peaks.
+    `hm` holds probabilities; a box is (cx + ox ± w/2, cy + oy ± h/2) at each of the top-K peaks; `peaks` is
+    `heatmap_peaks` or its graph form `export_peaks`.
     """
-    scores, classes, ys, xs = heatmap_peaks(hm, k)
+    scores, classes, ys, xs = peaks(hm, k)
     b = scores.shape[0]
     ind = ys * hm.shape[-1] + xs
     idx = ind.unsqueeze(1).expand(-1, 2, -1)
@@ -81,6 +88,7 @@ class CenterNetPointsDetector(Detector):
 
     heads = ("hm", "wh", "reg")
     heat_heads = ("hm",)
+    export_outputs = ("boxes", "scores", "classes")
     error_rows = (  # objects as points Table 7
         (("wh",), "w/ gt size"),
         (("hm",), "w/ gt heatmap"),
@@ -113,9 +121,15 @@ class CenterNetPointsDetector(Detector):
 
     def decode(self, outputs: dict[str, Tensor], flip: bool) -> ScaleOutput:
         """The top-K boxes of one image; under flip the heads are averaged first (REFERENCE §4.6)."""
-        merged = merge_flip(outputs) if flip else {"hm": outputs["hm"].sigmoid(), "wh": outputs["wh"], "reg": outputs["reg"]}
+        merged = merged_heads(outputs, flip)
         boxes, scores, classes = decode_points(merged["hm"], merged["wh"], merged["reg"], self.decoding.k)
         return ScaleOutput(Detections(boxes[0], scores[0], classes[0]))
+
+    def export_decode(self, outputs: dict[str, Tensor], flip: bool, down: tuple[Any, Any]) -> dict[str, Tensor]:
+        """`decode` in graph form for a batch: the top-K boxes of each image, scores >= 0 (REFERENCE §4.3, §4.6)."""
+        merged = merged_heads(outputs, flip)
+        boxes, scores, classes = decode_points(merged["hm"], merged["wh"], merged["reg"], self.decoding.k, export_peaks)
+        return {"boxes": to_input_pixels(boxes, down), "scores": scores, "classes": classes}
 
     def gt_heads(self, boxes: np.ndarray, classes: np.ndarray, out_hw: tuple[int, int]) -> dict[str, Tensor]:
         """hm is the rendered heatmap as logits; wh and reg are filled outward from each centre so that a peak

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +23,7 @@ from kpnet.config import ModelConfig
 from kpnet.detectors.base import Detections, Keypoints, ScaleOutput
 from kpnet.detectors.corner import CORNER_HEADS, CornerDecoding, CornerDetector, CornerNetwork, keypoints, unflip_x
 from kpnet.detectors.corner_modules import CenterPool
+from kpnet.export.decode import export_peaks, flip_halves, to_input_pixels
 from kpnet.layers import HEAT_BIAS, kp_head
 
 
@@ -71,19 +73,26 @@ def central_regions(boxes: Tensor, area: float, n_small: float, n_large: float) 
     )
 
 
+def first_match(boxes: Tensor, classes: Tensor, xy: Tensor, xy_classes: Tensor, area: float, n_small: float,
+                n_large: float) -> Tensor:
+    """(..., N) index of the first same-class centre (xy (..., M, 2)) strictly inside the central region of each
+    box (..., N, 4), -1 for none (§3.1); any leading batch dimensions, non-empty boxes and centres."""
+    region = central_regions(boxes, area, n_small, n_large)
+    cx, cy = xy[..., None, :, 0], xy[..., None, :, 1]
+    match = (
+        (xy_classes[..., None, :] == classes[..., :, None])
+        & (cx > region[..., 0:1]) & (cx < region[..., 2:3]) & (cy > region[..., 1:2]) & (cy < region[..., 3:4])
+    )
+    first = match.to(torch.uint8).argmax(-1)  # the first of equal maxima
+    return torch.where(match.any(-1), first, -1)
+
+
 def matching_centres(boxes: Tensor, classes: Tensor, centres: Keypoints, area: float, n_small: float,
                      n_large: float) -> Tensor:
     """(N,) index of the first same-class centre strictly inside each box's central region, -1 for none (§3.1)."""
     if len(centres.scores) == 0 or len(boxes) == 0:
         return torch.full((len(boxes),), -1, dtype=torch.long)
-    region = central_regions(boxes, area, n_small, n_large)
-    cx, cy = centres.xy[None, :, 0], centres.xy[None, :, 1]
-    match = (
-        (centres.classes[None, :] == classes[:, None])
-        & (cx > region[:, 0:1]) & (cx < region[:, 2:3]) & (cy > region[:, 1:2]) & (cy < region[:, 3:4])
-    )
-    first = match.to(torch.uint8).argmax(1)  # the first of equal maxima
-    return torch.where(match.any(1), first, -1)
+    return first_match(boxes, classes, centres.xy, centres.classes, area, n_small, n_large)
 
 
 @dataclass(frozen=True)
@@ -109,6 +118,7 @@ class CenterNetTripletDetector(CornerDetector):
         ((*CORNER_HEADS, "ct_heat", "ct_regr"), "w/ gt all heads"),
     )
     has_central_regions = True
+    export_outputs = (*CornerDetector.export_outputs, "pair_scores", "centres", "centre_scores", "centre_classes")
     decoding: TripletDecoding
 
     @staticmethod
@@ -143,6 +153,34 @@ class CenterNetTripletDetector(CornerDetector):
         has = first >= 0
         kept = dets.select(has)
         return kept.replace(scores=(2 * kept.scores + centres.scores[first[has]]) / 3, centres=centres.xy[first[has]])
+
+    def export_decode(self, outputs: dict[str, Tensor], flip: bool, down: tuple[Any, Any]) -> dict[str, Tensor]:
+        """`decode` and the check of `postprocess` in graph form: CornerNet's pairs, the top-K centres (the image's,
+        then its flipped copy's un-flipped) and, with central_region, `scores` = (2·s_pair + s_ct)/3 for pairs a
+        centre validates, else −1 — checked in input pixels (the area switch on input-pixel boxes, unclipped).
+        `pair_scores` are the scores before the check, which kpnet's host side repeats in image pixels."""
+        out = super().export_decode(outputs, flip, down)
+        d = self.decoding
+        scores, classes, xs, ys, _ = keypoints(outputs["ct_heat"].sigmoid(), outputs["ct_regr"], d.k, export_peaks)
+        xy = torch.stack([xs, ys], -1)
+        if flip:
+            xy, flipped = flip_halves(xy)
+            xy = torch.cat([xy, unflip_x(flipped, outputs["ct_heat"].shape[-1])], 1)
+            scores, classes = (torch.cat(flip_halves(t), 1) for t in (scores, classes))
+        xy = to_input_pixels(xy, down)
+        pair = out["scores"]
+        if d.central_region:
+            first = first_match(out["boxes"], out["classes"], xy, classes, d.region_area, d.region_n_small,
+                                d.region_n_large)
+            s_ct = torch.gather(scores, 1, first.clamp(min=0))
+            out["scores"] = torch.where((first >= 0) & (pair > -1), (2 * pair + s_ct) / 3, torch.full_like(pair, -1.0))
+        return {**out, "pair_scores": pair, "centres": xy, "centre_scores": scores, "centre_classes": classes}
+
+    def export_scale_output(self, outputs: dict[str, Tensor]) -> ScaleOutput:
+        """The pairs before the centre check and the centres, as `decode` returns them: `postprocess` checks them."""
+        pairs = super().export_scale_output({**outputs, "scores": outputs["pair_scores"]})
+        return ScaleOutput(pairs.detections, Keypoints(outputs["centres"], outputs["centre_scores"],
+                                                       outputs["centre_classes"]))
 
     def central_regions(self, dets: Detections) -> tuple[Tensor, Tensor]:
         """Each box's central region under this detector's settings and the centre (from scale 1) that validated it."""

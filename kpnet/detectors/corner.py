@@ -7,8 +7,9 @@ REFERENCE §1.2-1.3), corner keypoints and the flip rule (§4.1, REFERENCE §4.1
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from kpnet.config import Recipe
 from kpnet.detectors.base import Detections, Detector, ScaleOutput, TargetRenderer
 from kpnet.detectors.corner_modules import BOTTOM_RIGHT, TOP_LEFT, CascadeCornerPool, CornerPool
+from kpnet.export.decode import export_pairs, export_peaks, flip_halves, to_input_pixels
 from kpnet.layers import HEAT_BIAS, kp_head
 from kpnet.losses import ae_loss, focal_loss, gather_feat, heat_sigmoid, reg_smooth_l1_loss
 from kpnet.ops import group_corners, heatmap_peaks
@@ -85,9 +87,11 @@ class CornerNetwork(nn.Module):
         return [self.stack_outputs(stack, features[stack]) for stack in stacks]
 
 
-def keypoints(heat: Tensor, regr: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Top-K peaks of a probability heatmap with their offsets added: (scores, classes, xs, ys, flat index), each (B, K)."""
-    scores, classes, ys, xs = heatmap_peaks(heat, k, NMS_KERNEL)
+def keypoints(heat: Tensor, regr: Tensor, k: int, peaks: Callable[..., tuple[Tensor, ...]] = heatmap_peaks
+              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Top-K peaks of a probability heatmap with their offsets added: (scores, classes, xs, ys, flat index), each
+    (B, K); `peaks` is `heatmap_peaks` or its graph form `export_peaks`."""
+    scores, classes, ys, xs = peaks(heat, k, NMS_KERNEL)
     ind = ys * heat.shape[-1] + xs
     off = gather_feat(regr, ind).float()
     return scores, classes, xs.float() + off[..., 0], ys.float() + off[..., 1], ind
@@ -202,6 +206,7 @@ class CornerDetector(Detector):
     pair decode with flip by concatenation (REFERENCE §4.6) and ground-truth heads."""
 
     kinds: ClassVar[tuple[str, ...]] = ("tl", "br")
+    export_outputs: ClassVar[tuple[str, ...]] = ("boxes", "scores", "classes", "corner_scores")
 
     def __init__(self, recipe: Recipe, network: nn.Module | None = None) -> None:
         super().__init__(recipe, network)
@@ -233,6 +238,24 @@ class CornerDetector(Detector):
             boxes = torch.stack([boxes[0], unflip_x(boxes[1], outputs["tl_heat"].shape[-1])])
         dets = Detections(boxes.flatten(0, 1), scores.flatten(), classes.flatten(), corner_scores.flatten(0, 1))
         return ScaleOutput(dets.select(dets.scores > -1))
+
+    def export_decode(self, outputs: dict[str, Tensor], flip: bool, down: tuple[Any, Any]) -> dict[str, Tensor]:
+        """`decode` in graph form: the best num_dets pairs of each image (then those of its flipped copy, un-flipped
+        and concatenated under flip), rejected pairs kept with score −1 (REFERENCE §4.1, §4.6)."""
+        d = self.decoding
+        corners = []
+        for kind in ("tl", "br"):
+            s, c, x, y, ind = keypoints(outputs[f"{kind}_heat"].sigmoid(), outputs[f"{kind}_regr"], d.k, export_peaks)
+            corners.append((s, c, x, y, gather_feat(outputs[f"{kind}_tag"], ind)[..., 0].float()))
+        pairs = export_pairs(corners[0], corners[1], d.ae_threshold, d.num_dets)
+        corner_scores = torch.stack([torch.gather(corners[0][0], 1, pairs.tl_index),
+                                     torch.gather(corners[1][0], 1, pairs.br_index)], -1)
+        boxes, scores, classes = pairs.boxes, pairs.scores, pairs.classes
+        if flip:
+            boxes, flipped = flip_halves(boxes)
+            boxes = torch.cat([boxes, unflip_x(flipped, outputs["tl_heat"].shape[-1])], 1)
+            scores, classes, corner_scores = (torch.cat(flip_halves(t), 1) for t in (scores, classes, corner_scores))
+        return {"boxes": to_input_pixels(boxes, down), "scores": scores, "classes": classes, "corner_scores": corner_scores}
 
     def gt_heads(self, boxes: np.ndarray, classes: np.ndarray, out_hw: tuple[int, int]) -> dict[str, Tensor]:
         """Ground truth for every head of `kinds` (CornerNet Table 3, triplet Table 5)."""

@@ -52,7 +52,11 @@ def detect_with_heads(heads: Heads, detector: Detector, image: np.ndarray, test:
     one image's detections (the triplet centre check, REFERENCE §4.2), then per-class soft-NMS (always
     for several scales, REFERENCE §4.3, §4.5) and the best `max_per_image` by score.
     """
-    per_scale = [scale_output(heads, detector, image, test, scale) for scale in test.scales]
+    return postprocess_image(detector, [scale_output(heads, detector, image, test, scale) for scale in test.scales], test)
+
+
+def postprocess_image(detector: Detector, per_scale: list[ScaleOutput], test: TestConfig) -> Detections:
+    """Every scale of one image (image pixels) -> its detections: `postprocess`, scores > 0, NMS, top max_per_image."""
     dets = detector.postprocess(per_scale, tuple(test.scales))
     dets = dets.select(dets.scores > 0)
     if len(test.scales) > 1 or test.nms != "none" or test.nms_merge:
@@ -108,14 +112,17 @@ def predict_dataset(
     index: CocoIndex,
     num_workers: int = 0,
     on_image: Callable[[], None] | None = None,
+    detect: Callable[[np.ndarray], Detections] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the test pipeline over every image of a data set -> COCO results list."""
-    detector.eval()
-    if detector.device.type == "cpu":
+    """Run the test pipeline over every image of a data set -> COCO results list; `detect` replaces the
+    detector's network (e.g. an exported model in onnxruntime, which runs on the CPU)."""
+    if detect is None:
+        detector.eval()
+    if detect is not None or detector.device.type == "cpu":
         reuse_freed_memory()
     results: list[dict[str, Any]] = []
     for item in iterate_images(index, num_workers):
-        dets = detect_image(detector, item["image"])
+        dets = detect(item["image"]) if detect is not None else detect_image(detector, item["image"])
         results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals)
         if on_image:
             on_image()

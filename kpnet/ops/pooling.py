@@ -31,6 +31,8 @@ from kpnet.cuda.launch import SCAN
 from kpnet.errors import KpnetError
 
 DIRECTIONS = ("top", "left", "bottom", "right")
+# An exported graph with a dynamic side runs enough log steps for lines up to this long (16k-pixel inputs at stride 4)
+EXPORT_MAX_LINE = 4096
 
 
 def _check(x: Tensor, op: str) -> None:
@@ -117,12 +119,14 @@ class _LineMaxKernel(torch.autograd.Function):
 def running_max_logstep(x: Tensor, dim: int, reverse: bool) -> Tensor:
     """Running max along `dim` by log-step doubling with pad/slice/max (CornerNet-Lite's form, REFERENCE §8).
 
-    ⌈log₂ n⌉ steps of `maximum(out, out shifted by 2^s)`, padding with -inf; exportable to ONNX.
+    ⌈log₂ n⌉ steps of `maximum(out, out shifted by 2^s)`, padding with -inf; exportable to ONNX. When the
+    side is symbolic (a dynamic export dimension) the steps cover EXPORT_MAX_LINE, so the graph is right for any size.
     """
     n = x.shape[dim]
+    longest = n if isinstance(n, int) else EXPORT_MAX_LINE
     pad = [0, 0] * (x.dim() - 1 - dim)
     out, step = x, 1
-    while step < n:
+    while step < longest:
         if reverse:  # out[i] = max(out[i], out[i + step])
             shifted = F.pad(out, pad + [0, step], value=float("-inf")).narrow(dim, step, n)
         else:  # out[i] = max(out[i], out[i - step])
