@@ -189,3 +189,13 @@ def test_trains_under_bfloat16_autocast_on_cpu() -> None:
         out = net(torch.randn(2, 3, 32, 32))
     sum(v.float().sum() for v in out[0].values()).backward()
     assert net.tl_shifts[0].dcn.weight.grad.abs().sum() > 0
+
+
+def test_export_without_heads_only_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    """The detections graph has no centripetal matching yet: exit 2 pointing at --heads-only, nothing written."""
+    from kpnet.errors import KpnetError
+    from kpnet.export.graph import export_onnx
+
+    with pytest.raises(KpnetError, match="--heads-only"):
+        export_onnx(detector(), tmp_path / "m.onnx")
+    assert list(tmp_path.iterdir()) == []

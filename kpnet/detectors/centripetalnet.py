@@ -113,6 +113,7 @@ class CentripetalNetDetector(CornerDetector):
         (HEADS, "w/ gt all heads"),
     )
     has_central_regions = True
+    export_outputs = ()  # no graph form of the centripetal matching yet: `kpnet export --heads-only` only
     decoding: CentripetalDecoding
 
     @staticmethod
