@@ -5,7 +5,8 @@
 Generates shapes (2000 train / 200 val, seed 0) under OUT, trains recipes/cornernet_small_shapes.yaml,
 recipes/centernet_triplet_small_shapes.yaml and recipes/centripetalnet_small_shapes.yaml (or the
 --recipes chosen) with the same data, schedule and seed, evaluates each on val, and prints wall time,
-bbox AP / AP50 and the FD rates (IoU 0.05:0.05:0.5, triplet paper Table 3), then each family's FD and AP
+bbox AP / AP50, the FD rates (IoU 0.05:0.05:0.5, triplet paper Table 3) and segm AP for a recipe with the
+mask head (e.g. centripetalnet_small_shapes_mask), then each family's FD and AP
 against CornerNet's (the triplet paper's Table 3 and CentripetalNet's Table 4 directions). A run already
 trained under OUT is evaluated again, not retrained.
 """
@@ -50,13 +51,17 @@ def main() -> None:
         dets = evaluation.load_dets(results, index.coco, source=recipe.name)
         stats = evaluation.bbox_stats(index.coco, dets)
         fd = evaluation.fd_rates(index.coco, dets)
-        rows.append((recipe.name, summary["iterations"], train_s, stats, fd))
-    print(f"{'recipe':34s} {'iters':>6s} {'train_s':>8s} {'AP':>6s} {'AP50':>6s} {'FD':>6s} {'FD5':>6s} {'FD25':>6s} {'FD50':>6s}")
-    for name, iters, secs, stats, fd in rows:
+        segm = (evaluation.stats_dict(evaluation.evaluate(index.coco, dets, iou_type="segm"))["AP"]
+                if evaluation.has_masks(dets) else None)
+        rows.append((recipe.name, summary["iterations"], train_s, stats, fd, segm))
+    print(f"{'recipe':34s} {'iters':>6s} {'train_s':>8s} {'AP':>6s} {'AP50':>6s} {'FD':>6s} {'FD5':>6s} {'FD25':>6s} "
+          f"{'FD50':>6s} {'segmAP':>6s}")
+    for name, iters, secs, stats, fd, segm in rows:
         print(f"{name:34s} {iters:6d} {secs:8.1f} {stats['AP']:6.3f} {stats['AP50']:6.3f} "
-              f"{fd['FD']:6.3f} {fd['FD5']:6.3f} {fd['FD25']:6.3f} {fd['FD50']:6.3f}")
+              f"{fd['FD']:6.3f} {fd['FD5']:6.3f} {fd['FD25']:6.3f} {fd['FD50']:6.3f} "
+              f"{'-' if segm is None else f'{segm:.3f}':>6s}")
     base = rows[0]
-    for name, _, _, stats, fd in rows[1:]:
+    for name, _, _, stats, fd, _ in rows[1:]:
         print(f"{name}: FD / {base[0]} FD = {fd['FD'] / base[4]['FD']:.3f}, AP - {base[0]} AP = "
               f"{stats['AP'] - base[3]['AP']:+.3f}")
 

@@ -62,6 +62,7 @@ class ModelConfig:
     hg_modules: tuple[int, ...] = (1, 1, 1, 1, 2)  # hourglass_small: residuals per level (last = innermost)
     hg_stem: int = 16  # hourglass_small: stem width
     hg_cnv: int = 32  # hourglass_small: width of the per-stack `cnv` features the heads read
+    mask: bool = False  # centripetalnet: the instance-mask head (CentripetalNet §3.3)
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class LossConfig:
     push_weight: float = 0.1  # corner families: associative-embedding push (CornerNet eq. 5)
     guiding_weight: float = 0.05  # centripetalnet: α of the guiding-shift loss (CentripetalNet eq. 9)
     centripetal_weight: float = 1.0  # centripetalnet: the centripetal-shift loss (eq. 2, 9)
+    mask_weight: float = 1.0  # centripetalnet with model.mask: the per-RoI mask cross entropy (eq. 8, 9)
     chunk_size: int = 0  # evaluate the loss per chunk of this many images and average (REFERENCE §3.5); 0 = whole batch
 
 
@@ -144,6 +146,7 @@ class TestConfig:
     nms_sigma: float = 0.5
     nms_threshold: float = 0.5
     max_per_image: int = 100
+    mask_threshold: float = 0.5  # model.mask: a pasted mask's pixels at or above this probability are the instance
     round_decimals: int = 2  # boxes and scores in the COCO json rounded as the reference does (REFERENCE §4.5); -1 keeps all
 
 

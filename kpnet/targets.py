@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 import typing
+from typing import Any
 
+import cv2
 import numpy as np
+from pycocotools import mask as mask_utils
 
 from kpnet.config import RadiusMode
 
@@ -178,15 +181,9 @@ def corner_targets(
             t[f"{kind}_guiding_shift"] = np.zeros((max_objs, 2), np.float32)
             t[f"{kind}_centripetal_shift"] = np.zeros((max_objs, 2), np.float32)
     t["tag_mask"] = np.zeros((max_objs,), np.float32)
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    k = 0
-    for box, cls in zip(boxes, np.asarray(classes).reshape(-1)):
-        if k >= max_objs:
-            break
-        x1, x2 = np.clip(box[[0, 2]], 0, out_w - 1)
-        y1, y2 = np.clip(box[[1, 3]], 0, out_h - 1)
-        if x2 - x1 <= 0 or y2 - y1 <= 0:
-            continue
+    classes = np.asarray(classes).reshape(-1)
+    for k, (i, (x1, y1, x2, y2)) in enumerate(kept_corner_objects(boxes, out_hw, max_objs)):
+        cls = classes[i]
         radius = gaussian_radius(math.ceil(y2 - y1), math.ceil(x2 - x1), min_overlap, radius_mode)
         points = {"tl": (x1, y1), "br": (x2, y2), "ct": ((x1 + x2) / 2, (y1 + y2) / 2)}
         for kind in kinds:
@@ -202,5 +199,71 @@ def corner_targets(
             t["tl_centripetal_shift"][k] = np.log(cx - x1), np.log(cy - y1)
             t["br_centripetal_shift"][k] = np.log(x2 - cx), np.log(y2 - cy)
         t["tag_mask"][k] = 1
-        k += 1
     return t
+
+
+def kept_corner_objects(boxes: np.ndarray, out_hw: tuple[int, int], max_objs: int) -> list[tuple[int, np.ndarray]]:
+    """The objects corner targets train on, in order: (index into `boxes`, the box clipped to the grid's last
+    cell) for each box left with a positive size, at most `max_objs` (CN `kp_detection`, REFERENCE §2.4)."""
+    out_h, out_w = out_hw
+    kept: list[tuple[int, np.ndarray]] = []
+    for i, box in enumerate(np.asarray(boxes, np.float32).reshape(-1, 4)):
+        if len(kept) >= max_objs:
+            break
+        x1, x2 = np.clip(box[[0, 2]], 0, out_w - 1)
+        y1, y2 = np.clip(box[[1, 3]], 0, out_h - 1)
+        if x2 - x1 > 0 and y2 - y1 > 0:
+            kept.append((i, np.array([x1, y1, x2, y2], np.float32)))
+    return kept
+
+
+MASK_SIZE = 28  # the mask head's output side (CentripetalNet §3.3)
+
+
+def mask_targets(
+    segmentations: list[Any],
+    matrix: np.ndarray,
+    image_hw: tuple[int, int],
+    boxes: np.ndarray,
+    classes: np.ndarray,
+    ratio: float,
+    out_hw: tuple[int, int],
+    max_objs: int,
+) -> dict[str, np.ndarray]:
+    """Instance-mask targets of the objects `corner_targets` keeps (CentripetalNet §3.3, eq. 8).
+
+    `segmentations` are the COCO polygons or RLEs of the original image (`image_hw`), `matrix` the 2x3
+    augmentation affine from original to input pixels, `boxes` the augmented input-pixel boxes and `ratio`
+    output/input. Each kept object's RoI is its clipped output-grid box; its target is the object's mask
+    resampled onto a 28x28 grid over that RoI (pixel centres, bilinear, ≥ 0.5).
+    """
+    t = {"mask_rois": np.zeros((max_objs, 4), np.float32), "mask_classes": np.zeros((max_objs,), np.int64),
+         "mask_valid": np.zeros((max_objs,), np.float32),
+         "mask_targets": np.zeros((max_objs, MASK_SIZE, MASK_SIZE), np.uint8)}
+    h, w = image_hw
+    for k, (i, roi) in enumerate(kept_corner_objects(np.asarray(boxes, np.float32) * ratio, out_hw, max_objs)):
+        x1, y1, x2, y2 = roi / ratio
+        to_grid = np.array([[MASK_SIZE / (x2 - x1), 0, -x1 * MASK_SIZE / (x2 - x1)],
+                            [0, MASK_SIZE / (y2 - y1), -y1 * MASK_SIZE / (y2 - y1)], [0, 0, 1]])
+        warp = (to_grid @ np.vstack([matrix, [0, 0, 1]]))[:2]
+        mask = segmentation_mask(segmentations[i], h, w)
+        # warpAffine samples at integer coordinates: shift both frames to pixel centres (x + 0.5)
+        centred = warp.copy()
+        centred[:, 2] += warp[:, :2].sum(1) * 0.5 - 0.5
+        crop = cv2.warpAffine(mask.astype(np.float32), centred, (MASK_SIZE, MASK_SIZE), flags=cv2.INTER_LINEAR)
+        t["mask_targets"][k] = crop >= 0.5
+        t["mask_rois"][k] = roi
+        t["mask_classes"][k] = int(np.asarray(classes).reshape(-1)[i])
+        t["mask_valid"][k] = 1
+    return t
+
+
+def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """A COCO segmentation (polygons, RLE or uncompressed RLE) as an (height, width) uint8 mask."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation.get("counts"), list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle)

@@ -86,6 +86,19 @@ def draw_regions(image: np.ndarray, regions: np.ndarray, centres: np.ndarray, cl
     return out
 
 
+def draw_masks(image: np.ndarray, masks: np.ndarray, classes: Sequence[int], alpha: float = 0.5) -> np.ndarray:
+    """(N, H, W) bool instance masks filled in their class colour at `alpha` over the image, with outlines
+    (CentripetalNet §3.3, Fig. 8); later (lower-scoring) masks are drawn under earlier ones."""
+    out = image.copy()
+    thick = line_thickness(*out.shape[:2])
+    for mask, cls in reversed(list(zip(masks, classes, strict=True))):
+        colour = np.array(class_colour(int(cls)), np.float32)
+        out[mask] = (out[mask] * (1 - alpha) + colour * alpha).astype(out.dtype)
+        contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, tuple(int(c) for c in colour), thick)
+    return out
+
+
 def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> np.ndarray:
     """Ground-truth x1, y1, x2, y2 boxes in GT_COLOUR, labelled with their class names."""
     return draw_boxes(image, boxes, labels, [GT_COLOUR] * len(labels))

@@ -191,11 +191,54 @@ def test_trains_under_bfloat16_autocast_on_cpu() -> None:
     assert net.tl_shifts[0].dcn.weight.grad.abs().sum() > 0
 
 
-def test_export_without_heads_only_is_refused_with_the_way_out(tmp_path: Path) -> None:
-    """The detections graph has no centripetal matching yet: exit 2 pointing at --heads-only, nothing written."""
-    from kpnet.errors import KpnetError
-    from kpnet.export.graph import export_onnx
+@pytest.mark.parametrize("flip", [False, True])
+def test_graph_decode_equals_the_decode(flip: bool) -> None:
+    """`export_decode` (the exported graph's matching: one pair-score grid, one TopK) keeps the pairs `decode` keeps,
+    with the same boxes, scores, classes and decoded centres (in input pixels), with and without the flip copy."""
+    torch.manual_seed(3)
+    det = detector("test.k=30", "test.num_dets=200")
+    b = 2 if flip else 1
+    heads = {f"{kind}_{name}": fill(b) for kind in ("tl", "br") for name, fill in (
+        ("heat", lambda n: torch.randn(n, 2, GRID, GRID) * 3), ("regr", lambda n: torch.rand(n, 2, GRID, GRID)),
+        ("centripetal_shift", lambda n: torch.rand(n, 2, GRID, GRID) * 2.5))}
+    down = det.input_stride(GRID, GRID)
+    want = det.decode(heads, flip).detections
+    got = det.export_scale_output({k: v[0] for k, v in det.export_decode(heads, flip, down).items()}).detections
+    assert 0 < len(want) < 200 * b and len(got) == len(want)
+    a, w = got.select(got.scores.argsort(descending=True)), want.select(want.scores.argsort(descending=True))
+    scale = torch.tensor(down * 2)
+    torch.testing.assert_close(a.boxes, w.boxes * scale, rtol=0, atol=1e-4)
+    torch.testing.assert_close(a.centres, w.centres * scale, rtol=0, atol=1e-4)
+    torch.testing.assert_close(a.scores, w.scores, rtol=0, atol=1e-6)
+    assert torch.equal(a.classes, w.classes) and torch.allclose(a.corner_scores, w.corner_scores)
 
-    with pytest.raises(KpnetError, match="--heads-only"):
-        export_onnx(detector(), tmp_path / "m.onnx")
-    assert list(tmp_path.iterdir()) == []
+
+def test_ground_truth_masks_pasted_through_the_pipeline(shapes_small: Path) -> None:
+    """Boxes decoded from ground-truth heads, each given its ground-truth mask cropped to the box on the head's
+    28x28 grid, pasted and written as RLE by the results writer: segm AP >= 0.95 on shapes val (the test
+    pipeline's paste and RLE path loses at most the grid's resolution)."""
+    from torchvision.ops import box_iou
+
+    from kpnet.analysis.error_analysis import gt_head_source
+    from kpnet.engine.inference import detect_with_heads, to_coco_results
+    from kpnet.masks import crop_masks
+    from kpnet.targets import segmentation_mask
+
+    recipe = load_recipe(REPO / "recipes" / "centripetalnet_hg104.yaml", [f"data.root={shapes_small}", "model.num_classes=6"])
+    index = load_index(shapes_small / "annotations/instances_val.json", shapes_small / "val")
+    det = CentripetalNetDetector(recipe, nn.Identity())
+    results = []
+    for image_id in index.image_ids:
+        info = index.coco.imgs[image_id]
+        h, w = info["height"], info["width"]
+        boxes, classes = index.boxes(image_id)
+        gt_masks = torch.from_numpy(np.stack([segmentation_mask(s, h, w) for s in index.segmentations(image_id)]))
+        heads = gt_head_source(det, boxes, classes, set(det.heads), use_network=False)
+        dets = detect_with_heads(heads, det, np.zeros((h, w, 3), np.uint8), det.test)
+        same_class = dets.classes[:, None] == torch.from_numpy(classes)[None]
+        best = (box_iou(dets.boxes, torch.from_numpy(boxes)) * same_class).argmax(1)
+        masks = crop_masks(gt_masks[best], dets.boxes)
+        results += to_coco_results(dets.replace(masks=masks), image_id, index.cat_ids, 2, (h, w), 0.5)
+    dt = evaluation.load_dets(results, index.coco, source="gt-masks")
+    assert evaluation.has_masks(dt)
+    assert evaluation.stats_dict(evaluation.evaluate(index.coco, dt, iou_type="segm"))["AP"] >= 0.95

@@ -15,7 +15,8 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 PAPER = ("cornernet_hg104", "centernet_triplet_hg104", "centernet_triplet_hg52", "centernet_points_res18",
-         "centernet_points_res101", "centernet_points_dla34", "centernet_points_hg104")
+         "centernet_points_res101", "centernet_points_dla34", "centernet_points_hg104", "centripetalnet_hg104",
+         "centripetalnet_hg104_mask")
 
 
 @pytest.mark.slow

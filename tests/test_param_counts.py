@@ -104,3 +104,17 @@ def test_dla_deform_block_starts_as_half_masked_conv():
     torch.testing.assert_close(out, F.relu(block.bn(plain)), rtol=1e-4, atol=1e-5)
     (out * torch.randn_like(out)).sum().backward()
     assert block.offset_mask.weight.grad.abs().sum() > 0
+
+
+def test_centripetalnet_mask_head_count():
+    """The mask head as the paper builds it (§3.3): one head on the last stack, 4 × 3x3 256->256 conv (2.36 M),
+    a 2x2 transposed conv 256->256 (0.26 M) and a 1x1 conv to 80 masks (0.02 M) = 2.643 M. REFERENCE §1.7's
+    +4.8 M counts the official code's branch (4 × 3x3 256->256 + a 1x1 to 81, 2.38 M) once per stack (x2)."""
+    with torch.device("meta"):
+        plain = millions(CentripetalNetwork(hourglass104(), 80))
+        masked = millions(CentripetalNetwork(hourglass104(), 80, mask=True))
+    convs = 4 * (256 * 256 * 9 + 256)
+    head = convs + 256 * 256 * 4 + 256 + 256 * 80 + 80
+    assert masked - plain == pytest.approx(head / 1e6)
+    assert round(head / 1e6, 3) == 2.643
+    assert round(2 * (convs + 256 * 81 + 81) / 1e6, 1) == 4.8

@@ -257,45 +257,71 @@ def test_draw_regions_outlines_region_and_marks_its_centre() -> None:
     assert not diff[90, 5]
 
 
-def test_regions_for_triplet_models_only(setup: dict[str, Path], tmp_path: Path) -> None:
+TINY_HOURGLASS = ("model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
+                  "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8")
+
+
+def tiny_checkpoint(path: Path, recipe_name: str, shapes: Path, *overrides: str) -> Path:
+    """An untrained one-stack 8-wide hourglass model of a corner-family recipe, saved as a checkpoint for `shapes`."""
     from kpnet.config import load_recipe
     from kpnet.engine.checkpoint import save_checkpoint
     from kpnet.models import build_model
 
-    recipe = load_recipe(REPO / "recipes" / "centernet_triplet_hg52.yaml", [
-        f"data.root={setup['shapes']}", "data.val_ann=annotations/instances_val.json", "data.val_images=val",
-        "model.num_classes=6", "model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
-        "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8"])
-    ckpt = save_checkpoint(tmp_path / "tri.pt", build_model(recipe), recipe)
-    image = setup["shapes"] / "val" / "000002.jpg"
-    result = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(ckpt), "--regions", "--score-thresh", "0",
-                                      "--out", str(tmp_path), "--json"])
+    recipe = load_recipe(REPO / "recipes" / f"{recipe_name}.yaml", [
+        f"data.root={shapes}", "data.val_ann=annotations/instances_val.json", "data.val_images=val",
+        "model.num_classes=6", *TINY_HOURGLASS, *overrides])
+    torch.manual_seed(0)
+    return save_checkpoint(path, build_model(recipe), recipe)
+
+
+def draws_overlay(ckpt: Path, source: Path, flag: str, out: Path) -> None:
+    """`viz SOURCE --checkpoint CKPT FLAG` writes its overlay PNG last (named after FLAG), the image's size."""
+    result = CliRunner().invoke(app, ["viz", str(source), "--checkpoint", str(ckpt), flag, "--score-thresh", "0",
+                                      "--out", str(out), "--json"])
     assert result.exit_code == 0, result.stderr
     files = json.loads(result.stdout)["files"]
-    assert files[-1] == str(tmp_path / "000002_regions.png")
-    assert cv2.imread(files[-1]).shape == cv2.imread(str(image)).shape
-    points = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(setup["ckpt"]), "--regions", "--json"])
-    assert points.exit_code == 2 and "--regions" in json.loads(points.stdout)["error"]
+    assert files[-1] == str(out / f"{source.stem}_{flag.lstrip('-')}.png")
+    assert cv2.imread(files[-1]).shape == cv2.imread(str(source)).shape
+
+
+def test_regions_of_triplet_models(setup: dict[str, Path], tmp_path: Path) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "tri.pt", "centernet_triplet_hg52", setup["shapes"])
+    draws_overlay(ckpt, setup["shapes"] / "val" / "000002.jpg", "--regions", tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--regions", "--masks"])
+def test_overlays_are_refused_for_models_without_them(setup: dict[str, Path], flag: str) -> None:
+    """An objects-as-points model has neither central regions nor masks: exit 2 naming the flag."""
+    image = setup["shapes"] / "val" / "000002.jpg"
+    points = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(setup["ckpt"]), flag, "--json"])
+    assert points.exit_code == 2 and flag in json.loads(points.stdout)["error"]
 
 
 def test_regions_of_centripetalnet_draw_both_decoded_centres(setup: dict[str, Path], tmp_path: Path) -> None:
-    from kpnet.config import load_recipe
-    from kpnet.engine.checkpoint import save_checkpoint
-    from kpnet.models import build_model
     from kpnet.viz import draw_regions
 
     image = np.full((100, 120, 3), 90, np.uint8)
     drawn = draw_regions(image, np.array([[20.0, 30.0, 60.0, 70.0]]), np.array([[35.0, 45.0, 45.0, 55.0]]), [1])
     diff = (drawn != image).any(axis=2)
     assert diff[45, 35] and diff[55, 45] and not diff[50, 40]  # a dot at each centre, none between them
-    recipe = load_recipe(REPO / "recipes" / "centripetalnet_small_shapes.yaml", [
-        f"data.root={setup['shapes']}", "model.hg_dims=[8,8,8,8,8]", "model.hg_stem=8", "model.hg_cnv=8"])
-    torch.manual_seed(0)
-    ckpt = save_checkpoint(tmp_path / "cp.pt", build_model(recipe), recipe)
+    ckpt = tiny_checkpoint(tmp_path / "cp.pt", "centripetalnet_small_shapes", setup["shapes"])
     source = setup["shapes"] / "val" / "000002.jpg"
-    result = CliRunner().invoke(app, ["viz", str(source), "--checkpoint", str(ckpt), "--regions", "--score-thresh", "0",
-                                      "--out", str(tmp_path), "--json"])
-    assert result.exit_code == 0, result.stderr
-    files = json.loads(result.stdout)["files"]
-    assert files[-1] == str(tmp_path / "000002_regions.png")
-    assert cv2.imread(files[-1]).shape == cv2.imread(str(source)).shape
+    draws_overlay(ckpt, source, "--regions", tmp_path)
+
+
+def test_draw_masks_fills_each_instance_in_its_class_colour() -> None:
+    from kpnet.viz import class_colour, draw_masks
+
+    image = np.full((60, 80, 3), 90, np.uint8)
+    masks = np.zeros((2, 60, 80), bool)
+    masks[0, 10:30, 10:40] = True
+    masks[1, 35:55, 50:75] = True
+    drawn = draw_masks(image, masks, [1, 4], alpha=0.5)
+    assert (drawn[20, 25].astype(int) == ((90 + np.array(class_colour(1))) * 0.5).astype(int)).all()
+    assert (drawn[45, 62] != image[45, 62]).any() and (drawn[5, 5] == image[5, 5]).all()
+
+
+def test_masks_of_a_mask_model(setup: dict[str, Path], tmp_path: Path) -> None:
+    """`viz --masks` writes IMAGE_masks.png for a model with the mask head."""
+    ckpt = tiny_checkpoint(tmp_path / "m.pt", "centripetalnet_small_shapes_mask", setup["shapes"])
+    draws_overlay(ckpt, setup["shapes"] / "val" / "000002.jpg", "--masks", tmp_path)

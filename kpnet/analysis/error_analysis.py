@@ -48,7 +48,8 @@ def predict_with_replacement(detector: Detector, index: CocoIndex, replace: set[
     """COCO results of the test pipeline over a data set with `replace` heads set to ground truth.
 
     With every head replaced the network is not run (the all-ground-truth row); with nothing replaced
-    this is exactly `kpnet eval`. Under flip test the flipped copy gets the flipped ground truth.
+    this is exactly `kpnet eval`'s boxes (the rows score boxes: masks are left out). Under flip test the
+    flipped copy gets the flipped ground truth.
     """
     detector.eval()
     use_network = bool(set(detector.heads) - replace)
@@ -58,5 +59,5 @@ def predict_with_replacement(detector: Detector, index: CocoIndex, replace: set[
         boxes, classes = index.boxes(item["image_id"])
         heads = gt_head_source(detector, boxes, classes, replace, use_network) if replace else detector.network_heads
         dets = detect_with_heads(heads, detector, item["image"], test)
-        results += to_coco_results(dets, item["image_id"], index.cat_ids, test.round_decimals)
+        results += to_coco_results(dets.replace(masks=None), item["image_id"], index.cat_ids, test.round_decimals)
     return results

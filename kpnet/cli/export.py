@@ -58,6 +58,9 @@ def export_command(
 
         detector = load_checkpoint(checkpoint, recipe=load_recipe(recipe, list(overrides or [])))
         o.err.print(f"exporting {detector.recipe.family} ({detector.recipe.model.backbone}) ...", markup=False)
+        if detector.has_masks:
+            o.err.print("note: the instance-mask head is not exported (it runs after soft-NMS, outside the graph); "
+                        "the exported model gives boxes", markup=False, soft_wrap=True)
         sidecar = export_onnx(detector, out, opset, heads_only, n, hw)
         o.print(f"wrote {out} ({sidecar['graph']}, opset {opset}) and {sidecar_path(out)}", markup=False, soft_wrap=True)
         return {"onnx": str(out), "sidecar": str(sidecar_path(out)), **sidecar}

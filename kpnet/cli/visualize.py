@@ -119,7 +119,8 @@ def _check_usage(images: list[Path], browse: bool, image_dir: Path | None, ids: 
 
 
 def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thresh: float,
-               heat_heads: tuple[str, ...], regions: bool = False, onnx_model: Any = None) -> dict[str, Any]:
+               heat_heads: tuple[str, ...], regions: bool = False, onnx_model: Any = None, masks: bool = False
+               ) -> dict[str, Any]:
     """Draw one input's PNGs (ground truth, detections, heat heads) and describe them for --json."""
     from kpnet import viz
     from kpnet.data.dataset import read_image
@@ -147,6 +148,12 @@ def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thres
         boxes, points = detector.central_regions(dets)
         drawn_regions = viz.draw_regions(image, boxes.numpy(), points.numpy(), dets.classes.tolist())
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_regions.png", drawn_regions)))
+    if masks:
+        from kpnet.masks import paste_masks
+
+        pasted = paste_masks(dets.masks, dets.boxes, image.shape[0], image.shape[1], detector.test.mask_threshold)
+        drawn_masks = viz.draw_detections(viz.draw_masks(image, pasted, dets.classes.tolist()), dets, names)
+        entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_masks.png", drawn_masks)))
     return entry
 
 
@@ -164,6 +171,8 @@ def visualize_command(
     regions: Annotated[bool, typer.Option(
         "--regions", help="Triplet and CentripetalNet models: draw each box's central region and the centre(s) that "
                           "validated it.")] = False,
+    masks: Annotated[bool, typer.Option(
+        "--masks", help="Models with the instance-mask head (model.mask): also write the masks over the image.")] = False,
     gt: Annotated[Path | None, typer.Option("--gt", help="COCO annotations: overlay the ground truth by file name.")] = None,
     ann: Annotated[Path | None, typer.Option("--ann", help="Browse a data set: its COCO annotation file.")] = None,
     image_dir: Annotated[Path | None, typer.Option("--images", help="With --ann: the folder of its images.")] = None,
@@ -187,6 +196,8 @@ def visualize_command(
         use_model = not browse or checkpoint is not None or recipe is not None or onnx is not None
         if heatmaps and not use_model:
             raise KpnetError("--heatmaps", "needs a model: add --checkpoint CKPT")
+        if masks and not use_model:
+            raise KpnetError("--masks", "needs a model: add --checkpoint CKPT")
         if onnx is not None and (checkpoint is not None or recipe is None or heatmaps):
             raise KpnetError("--onnx", "give --recipe RECIPE with --onnx MODEL, without --checkpoint or --heatmaps")
 
@@ -200,6 +211,8 @@ def visualize_command(
             onnx_model, detector = load_onnx(onnx, load_recipe(recipe, list(overrides or [])))
             if regions and not detector.has_central_regions:
                 raise KpnetError("--regions", f"{detector.recipe.family!r} models have no central regions")
+            if masks:
+                raise KpnetError("--masks", "an exported model returns no masks; draw them with --checkpoint")
             names = list(detector.class_names)
             doc.update({"onnx": str(onnx), "recipe": str(recipe), "class_names_from": f"{onnx.with_suffix('.json')}"})
         elif use_model:
@@ -217,6 +230,9 @@ def visualize_command(
             if regions and not detector.has_central_regions:
                 raise KpnetError("--regions", f"{family!r} models have no central regions "
                                               "(centernet_triplet and centripetalnet models do)")
+            if masks and not detector.has_masks:
+                raise KpnetError("--masks", f"{ckpt} has no instance-mask head (train a recipe with model.mask: true, "
+                                            "e.g. recipes/centripetalnet_small_shapes_mask.yaml)")
             names, source, why = viz.class_names_for(detector.recipe)
             if detector.class_names and len(detector.class_names) == detector.recipe.model.num_classes:
                 names, source = list(detector.class_names), f"{ckpt} (training set)"
@@ -225,7 +241,7 @@ def visualize_command(
             doc.update({"checkpoint": str(ckpt), "recipe": None if recipe is None else str(recipe), "class_names_from": source})
 
         for it in items:
-            entry = _draw_item(it, out, detector, names, score_thresh, heat_heads, regions, onnx_model)
+            entry = _draw_item(it, out, detector, names, score_thresh, heat_heads, regions, onnx_model, masks)
             counts = [_count(len(entry["detections"]), "detection", "s") if "detections" in entry else "",
                       _count(entry["gt"], "ground-truth box", "es") if entry["gt"] is not None else ""]
             o.print(f"{it.path}: {', '.join(c for c in counts if c)} -> {', '.join(entry['files'])}",

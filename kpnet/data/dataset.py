@@ -44,11 +44,19 @@ class CocoIndex:
     def image_path(self, image_id: int) -> Path:
         return self.image_root / self.coco.imgs[image_id]["file_name"]
 
-    def boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 4) x1, y1, x2, y2 boxes and (N,) contiguous classes of one image, degenerate boxes dropped."""
-        label = {c: i for i, c in enumerate(self.cat_ids)}
+    def objects(self, image_id: int) -> list[dict[str, Any]]:
+        """One image's annotations that train: degenerate boxes dropped, ordered by category (as CN orders them)."""
         anns = [a for a in self.coco.imgToAnns.get(image_id, []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
-        anns.sort(key=lambda a: a["category_id"])
+        return sorted(anns, key=lambda a: a["category_id"])
+
+    def segmentations(self, image_id: int) -> list[Any]:
+        """The `segmentation` of each of `objects(image_id)`, in that order."""
+        return [a["segmentation"] for a in self.objects(image_id)]
+
+    def boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 4) x1, y1, x2, y2 boxes and (N,) contiguous classes of `objects(image_id)`."""
+        label = {c: i for i, c in enumerate(self.cat_ids)}
+        anns = self.objects(image_id)
         if not anns:
             return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
         xywh = np.array([a["bbox"] for a in anns], np.float32)
@@ -122,9 +130,11 @@ class TrainDataset(Dataset):
         seed: int,
         border: int = 128,
         crop: str = "centernet",
+        encode_masks: Callable[..., dict[str, np.ndarray]] | None = None,
     ) -> None:
         self.index = index
         self.encode = encode
+        self.encode_masks = encode_masks
         self.input_size = input_size
         self.aug = dict(scales=scales, flip=flip, color=color, lighting=lighting, border=border, crop=crop)
         self.seed = seed
@@ -142,9 +152,12 @@ class TrainDataset(Dataset):
             return {"error": e.line()}
         boxes, classes = self.index.boxes(image_id)
         rng = np.random.default_rng([self.seed, epoch, i])
-        inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug)
+        inp, boxes, matrix = train_augment(rng, image, boxes, self.input_size, **self.aug)
         sample = {"image": torch.from_numpy(inp)}
         sample.update({k: torch.from_numpy(v) for k, v in self.encode(boxes, classes).items()})
+        if self.encode_masks is not None:
+            masks = self.encode_masks(self.index.segmentations(image_id), matrix, image.shape[:2], boxes, classes)
+            sample.update({k: torch.from_numpy(v) for k, v in masks.items()})
         return sample
 
 

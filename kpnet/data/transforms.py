@@ -84,13 +84,14 @@ def train_augment(
     lighting: float,
     border: int = 128,
     crop: str = "centernet",
-) -> tuple[np.ndarray, np.ndarray]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random-scale crop around a random centre, flip, colour, lighting (REFERENCE §5).
 
     The crop is a square window resized to the input, zero outside the image: `crop="centernet"` (XZ)
     takes side max(h, w)·s, so the zoom depends on the image size; `crop="cornernet"` (CN/DK
     `random_crop`) takes side int(input_size·s) of the original-resolution image. Returns the
-    normalised CHW input and the boxes in input pixels (not yet clipped).
+    normalised CHW input, the boxes in input pixels (not yet clipped) and the 2x3 affine that took the
+    boxes there (the flip x -> w - x - 1 included), for anything else annotated on the image.
     """
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
@@ -100,18 +101,20 @@ def train_augment(
     bw, bh = crop_border(border, w), crop_border(border, h)
     center = np.array([rng.integers(bw, max(bw + 1, w - bw)), rng.integers(bh, max(bh + 1, h - bh))], np.float32)
     boxes = boxes.astype(np.float32).reshape(-1, 4)
-    if rng.random() < flip:
+    flipped = rng.random() < flip
+    if flipped:
         image = image[:, ::-1]
         center[0] = w - center[0] - 1
         boxes = np.stack([w - boxes[:, 2] - 1, boxes[:, 1], w - boxes[:, 0] - 1, boxes[:, 3]], axis=1)
     matrix = affine_to_square(center, side, input_size)
+    mirror = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]], np.float32) if flipped else np.eye(3, dtype=np.float32)
     warped = cv2.warpAffine(np.ascontiguousarray(image), matrix, (input_size, input_size), flags=cv2.INTER_LINEAR)
     img = warped.astype(np.float32) / 255.0
     if color > 0:
         color_jitter(rng, img, color)
     if lighting > 0:
         pca_lighting(rng, img, lighting)
-    return normalize(img), transform_boxes(boxes, matrix)
+    return normalize(img), transform_boxes(boxes, matrix), matrix @ mirror
 
 
 def test_input(image: np.ndarray, scale: float, pad: int, pad_add: int = 1) -> tuple[np.ndarray, dict[str, float]]:

@@ -518,3 +518,15 @@ def fix_coco(ann_path: str | Path, images_dir: str | Path | None, out_path: str 
     fixed.update(images=images, annotations=annotations, categories=categories)
     atomic_write_json(out_path, fixed)
     return FixResult(str(out_path), changes, validate_coco(out_path, root, check_images))
+
+
+def require_segmentations(doc: dict[str, Any], path: Path) -> None:
+    """Every annotation carries an instance mask (polygons or RLE), as a mask head needs; else one line naming it."""
+    for ann in doc["annotations"]:
+        seg = ann.get("segmentation")
+        polygons_ok = isinstance(seg, list) and len(seg) > 0 and all(
+            isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0 and all(is_number(v) for v in p) for p in seg)
+        rle_ok = isinstance(seg, dict) and "counts" in seg and "size" in seg
+        if not (polygons_ok or rle_ok):
+            raise KpnetError(path, f"annotation id {ann.get('id')} has no usable 'segmentation' (polygons of >= 3 "
+                                   f"points or an RLE), which model.mask needs on every annotation; got {str(seg)[:60]}")

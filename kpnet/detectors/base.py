@@ -22,6 +22,8 @@ from kpnet.backbones import build_backbone
 from kpnet.config import ModelConfig, Recipe, TestConfig
 
 TargetRenderer = Callable[..., dict[str, np.ndarray]]  # (boxes, classes, out_hw=(h, w)) -> target arrays
+# (segmentations, augmentation affine, original (h, w), augmented input-pixel boxes, classes) -> mask target arrays
+MaskEncoder = Callable[[list[Any], np.ndarray, tuple[int, int], np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 def grid_to_image(coords: Tensor, meta: dict[str, float], down_x: float, down_y: float) -> Tensor:
@@ -39,14 +41,15 @@ class Detections:
     indices, and the family's extras — `corner_scores` (N, 2) s_tl, s_br of corner families (they weight the
     multi-scale merge, REFERENCE §4.5) and `centres`: (N, 2) the triplet centre keypoint that validated each
     box (triplet §3.1), or (N, 4) the two centres CentripetalNet decodes from the corners' centripetal shifts
-    (tl then br, x, y each; CentripetalNet eq. 1). Coordinates are output-grid units inside `decode`, image
-    pixels after it."""
+    (tl then br, x, y each; CentripetalNet eq. 1); `masks` (N, 28, 28) instance-mask probabilities on a grid
+    over each box (CentripetalNet §3.3). Coordinates are output-grid units inside `decode`, image pixels after it."""
 
     boxes: Tensor
     scores: Tensor
     classes: Tensor
     corner_scores: Tensor | None = None
     centres: Tensor | None = None
+    masks: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -95,15 +98,35 @@ class Keypoints:
 
 
 @dataclass(frozen=True)
+class GridFeatures:
+    """One scale's feature map (1, C, h, w) on the output grid, with what maps image pixels onto that grid."""
+
+    features: Tensor
+    meta: dict[str, float]
+    down_x: float
+    down_y: float
+
+    def to_grid(self, boxes: Tensor) -> Tensor:
+        """(N, 4) image-pixel boxes -> output-grid units: x·scale + border, / stride (`grid_to_image` inverted)."""
+        s = self.meta["scale"]
+        out = boxes.clone().float()
+        out[:, 0::2] = (boxes[:, 0::2] * s + self.meta["border_x"]) / self.down_x
+        out[:, 1::2] = (boxes[:, 1::2] * s + self.meta["border_y"]) / self.down_y
+        return out
+
+
+@dataclass(frozen=True)
 class ScaleOutput:
-    """What `decode` returns for one test scale: the detections, and centre keypoints where the family has them."""
+    """What `decode` returns for one test scale: the detections, centre keypoints where the family has them,
+    and the scale's mask features where the network has a mask head (set by the test pipeline)."""
 
     detections: Detections
     centres: Keypoints | None = None
+    mask_features: GridFeatures | None = None
 
     def to_image(self, meta: dict[str, float], down_x: float, down_y: float) -> ScaleOutput:
         centres = None if self.centres is None else self.centres.to_image(meta, down_x, down_y)
-        return ScaleOutput(self.detections.to_image(meta, down_x, down_y), centres)
+        return ScaleOutput(self.detections.to_image(meta, down_x, down_y), centres, self.mask_features)
 
 
 class Detector(ABC):
@@ -119,6 +142,7 @@ class Detector(ABC):
     error_rows: ClassVar[tuple[tuple[tuple[str, ...], str], ...]]  # (heads replaced, the paper's row name)
     has_central_regions: ClassVar[bool] = False  # whether `central_regions` draws anything (viz --regions)
     export_outputs: ClassVar[tuple[str, ...]] = ()  # the outputs of `export_decode`, in order (empty: no export decode)
+    export_meanings: ClassVar[dict[str, str]] = {}  # the sidecar's description of outputs this family reads its own way
 
     def __init__(self, recipe: Recipe, network: nn.Module | None = None) -> None:
         self.recipe = recipe
@@ -150,6 +174,20 @@ class Detector(ABC):
     def postprocess(self, per_scale: Sequence[ScaleOutput], scales: tuple[float, ...]) -> Detections:
         """Every scale's detections in image pixels -> the image's detections before NMS: concatenated."""
         return Detections.cat([s.detections for s in per_scale])
+
+    @property
+    def has_masks(self) -> bool:
+        """Whether the network has an instance-mask head (`predict_masks` fills `Detections.masks`)."""
+        return False
+
+    def mask_encoder(self, ratio: float, out_hw: tuple[int, int]) -> MaskEncoder | None:
+        """A picklable renderer of mask targets for the training samples, or None without a mask head
+        (`ratio` = output / input side, `out_hw` the output grid)."""
+        return None
+
+    def predict_masks(self, dets: Detections, per_scale: Sequence[ScaleOutput]) -> Detections:
+        """The image's final detections with their `masks`, from the scales' mask features (families with masks)."""
+        raise NotImplementedError(f"{type(self).__name__} has no mask head")
 
     def central_regions(self, dets: Detections) -> tuple[Tensor, Tensor]:
         """(N, 4) central regions of image-pixel detections and (N, 2) the keypoints that validated each box

@@ -13,7 +13,10 @@ strictly inside the box's central region, μ by the recipe's rule (eq. 3-5, REFE
 from __future__ import annotations
 
 import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,12 +24,15 @@ from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
 from kpnet.config import ModelConfig
-from kpnet.detectors.base import Detections, ScaleOutput, TargetRenderer
+from kpnet.detectors.base import Detections, MaskEncoder, ScaleOutput, TargetRenderer
 from kpnet.detectors.corner import CornerDetector, CornerNetwork, gt_maps, keypoints, unflip_x
+from kpnet.export.decode import export_peaks, flip_halves, to_input_pixels, top_pairs
 from kpnet.layers import kp_head
+from kpnet.masks import MaskHead, mask_loss, rois_of
 from kpnet.losses import focal_loss, gather_feat, heat_sigmoid, reg_smooth_l1_loss
 from kpnet.ops import group_corners
-from kpnet.targets import STRIDE, corner_targets, dense_from_centers
+from kpnet.ops.decoding import pair_scores_reference
+from kpnet.targets import STRIDE, corner_targets, dense_from_centers, mask_targets
 
 HEADS = ("tl_heat", "br_heat", "tl_regr", "br_regr", "tl_guiding_shift", "br_guiding_shift",
          "tl_centripetal_shift", "br_centripetal_shift")
@@ -66,12 +72,22 @@ class CrossStarShift(nn.Module):
 class CentripetalNetwork(CornerNetwork):
     """CornerNet's network without embedding heads, plus a `CrossStarShift` per stack and corner type."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, head_mid: int | None = None) -> None:
+    def __init__(self, backbone: nn.Module, num_classes: int, head_mid: int | None = None, mask: bool = False) -> None:
         super().__init__(backbone, num_classes, cascade=False, head_mid=head_mid, embeddings=False)
         dim = backbone.out_channels
         head_mid = head_mid or dim
         self.tl_shifts = nn.ModuleList(CrossStarShift(dim, head_mid) for _ in range(backbone.num_stacks))
         self.br_shifts = nn.ModuleList(CrossStarShift(dim, head_mid) for _ in range(backbone.num_stacks))
+        self.num_stacks = backbone.num_stacks
+        self.mask_head = MaskHead(dim, num_classes) if mask else None
+
+    def stack_outputs(self, stack: int, feature: Tensor) -> dict[str, Tensor]:
+        """The stack's heads; with the mask head, the last stack also returns its backbone features as
+        `mask_features`, which the mask head reads (only the last stack's, CentripetalNet §3.4)."""
+        outputs = super().stack_outputs(stack, feature)
+        if self.mask_head is not None and stack == self.num_stacks - 1:
+            outputs["mask_features"] = feature
+        return outputs
 
     def corner_features(self, stack: int, tl: Tensor, br: Tensor) -> dict[str, Tensor]:
         """The guiding and centripetal shifts (2 each) of both corner types."""
@@ -113,12 +129,37 @@ class CentripetalNetDetector(CornerDetector):
         (HEADS, "w/ gt all heads"),
     )
     has_central_regions = True
-    export_outputs = ()  # no graph form of the centripetal matching yet: `kpnet export --heads-only` only
+    export_outputs = ("boxes", "scores", "classes", "corner_scores", "centres")
+    export_meanings = {"centres": "(N, D, 4) the centres decoded from each box's tl and br corners' centripetal "
+                                  "shifts, x, y each, in input pixels"}
     decoding: CentripetalDecoding
 
     @staticmethod
     def build_network(backbone: nn.Module, model: ModelConfig) -> nn.Module:
-        return CentripetalNetwork(backbone, model.num_classes)
+        return CentripetalNetwork(backbone, model.num_classes, mask=model.mask)
+
+    @property
+    def has_masks(self) -> bool:
+        return self.recipe.model.mask
+
+    def mask_encoder(self, ratio: float, out_hw: tuple[int, int]) -> MaskEncoder | None:
+        """Mask targets for the objects the corner targets keep (`targets.mask_targets`), with the mask head."""
+        if not self.has_masks:
+            return None
+        return functools.partial(mask_targets, ratio=ratio, out_hw=out_hw, max_objs=self.recipe.targets.max_objs)
+
+    def predict_masks(self, dets: Detections, per_scale: Sequence[ScaleOutput]) -> Detections:
+        """Masks of the final detections from the scale closest to 1 (the top-k proposals of §3.3 are these boxes:
+        a mask depends only on its box and features, so masking after soft-NMS gives the kept boxes' masks);
+        unchanged when no scale carries mask features."""
+        grids = [s.mask_features for s in per_scale if s.mask_features is not None]
+        if not grids:  # heads that did not come from the network (all-ground-truth error analysis)
+            return dets
+        grid = min(grids, key=lambda g: abs(math.log(g.meta["scale"])))
+        rois = rois_of(grid.to_grid(dets.boxes), torch.zeros(len(dets)))
+        with torch.no_grad():
+            logits = self.network.mask_head(grid.features, rois, dets.classes)
+        return dets.replace(masks=logits.float().sigmoid().cpu())
 
     def decode_settings(self) -> CentripetalDecoding:
         t = self.recipe.test
@@ -132,8 +173,9 @@ class CentripetalNetDetector(CornerDetector):
                                  radius_mode=t.radius_mode, min_overlap=t.min_overlap, shifts=True)
 
     def loss(self, outputs: list[dict[str, Tensor]], targets: dict[str, Tensor]) -> dict[str, Tensor]:
-        """L = L_det + L_off + 0.05·L_δ + 1·L_cs (eq. 9): each term (tl + br)/2 per stack, summed over stacks;
-        offsets and shifts SmoothL1 at the ground-truth corners / N (eq. 2, 6; REFERENCE §3.4)."""
+        """L = L_det + L_off + 0.05·L_δ + 1·L_cs (+ L_mask with the mask head) (eq. 9): each term (tl + br)/2 per
+        stack, summed over stacks; offsets and shifts SmoothL1 at the ground-truth corners / N (eq. 2, 6; REFERENCE
+        §3.4); L_mask on the last stack only (eq. 8, §3.4)."""
         w = self.recipe.loss
         mask = targets["tag_mask"]
         terms = {"focal": 0.0, "off": 0.0, "guiding": 0.0, "centripetal": 0.0}
@@ -147,6 +189,9 @@ class CentripetalNetDetector(CornerDetector):
                     terms[term] = terms[term] + reg_smooth_l1_loss(o[key], ind, mask, targets[key]) / 2
         total = (w.hm_weight * terms["focal"] + w.off_weight * terms["off"] + w.guiding_weight * terms["guiding"]
                  + w.centripetal_weight * terms["centripetal"])
+        if self.has_masks:
+            terms["mask"] = mask_loss(self.network.mask_head, outputs[-1]["mask_features"], targets)
+            total = total + w.mask_weight * terms["mask"]
         return {"loss": total, **{f"{k}_loss": v for k, v in terms.items()}}
 
     def decode(self, outputs: dict[str, Tensor], flip: bool) -> ScaleOutput:
@@ -179,6 +224,42 @@ class CentripetalNetDetector(CornerDetector):
                           corner_scores.flatten(0, 1), centres=centres.flatten(0, 1))
         return ScaleOutput(dets.select(dets.scores > -1))
 
+    def export_decode(self, outputs: dict[str, Tensor], flip: bool, down: tuple[Any, Any]) -> dict[str, Tensor]:
+        """`decode` in graph form: every K×K pair scored by the same rule (`pair_scores_reference`, eq. 3-5), the
+        best num_dets by one TopK, with both decoded centres; under flip the flipped copy's pairs un-flipped and
+        concatenated; rejected pairs kept with score −1; coordinates in input pixels."""
+        d = self.decoding
+        corners, centres = [], []
+        for kind, sign in (("tl", 1.0), ("br", -1.0)):
+            s, c, x, y, ind = keypoints(outputs[f"{kind}_heat"].sigmoid(), outputs[f"{kind}_regr"], d.k, export_peaks)
+            corners.append((s, c, x, y))
+            centres.append(shifted_centres(x, y, outputs[f"{kind}_centripetal_shift"], ind, sign))
+        (tl_s, tl_c, tl_x, tl_y), (br_s, br_c, br_x, br_y) = corners
+        score = pair_scores_reference(
+            "centripetal", tl_s, tl_c, tl_x, tl_y, br_s, br_c, br_x, br_y, None, None, None, *centres[0], *centres[1],
+            d.mu_area / (down[0] * down[1]), d.mu_small, d.mu_large, d.weighting, allow_zero_size=True)
+        pairs = top_pairs(score, corners[0], corners[1], d.num_dets)
+        corner_scores = torch.stack([torch.gather(tl_s, 1, pairs.tl_index), torch.gather(br_s, 1, pairs.br_index)], -1)
+        centre_xy = torch.stack([torch.gather(centres[0][0], 1, pairs.tl_index), torch.gather(centres[0][1], 1, pairs.tl_index),
+                                 torch.gather(centres[1][0], 1, pairs.br_index), torch.gather(centres[1][1], 1, pairs.br_index)], -1)
+        boxes, scores, classes = pairs.boxes, pairs.scores, pairs.classes
+        if flip:
+            width = outputs["tl_heat"].shape[-1]
+            boxes, flipped = flip_halves(boxes)
+            boxes = torch.cat([boxes, unflip_x(flipped, width)], 1)
+            centre_xy, flipped = flip_halves(centre_xy)
+            unflipped = unflip_x(flipped.reshape(flipped.shape[0], -1, 2), width).reshape(flipped.shape)
+            centre_xy = torch.cat([centre_xy, unflipped], 1)
+            scores, classes, corner_scores = (torch.cat(flip_halves(t), 1) for t in (scores, classes, corner_scores))
+        return {"boxes": to_input_pixels(boxes, down), "scores": scores, "classes": classes,
+                "corner_scores": corner_scores, "centres": to_input_pixels(centre_xy, down)}
+
+    def export_scale_output(self, outputs: dict[str, Tensor]) -> ScaleOutput:
+        """The kept pairs of one image with both decoded centres, as `decode` returns them (input pixels)."""
+        dets = Detections(outputs["boxes"], outputs["scores"], outputs["classes"], outputs["corner_scores"],
+                          centres=outputs["centres"])
+        return ScaleOutput(dets.select(dets.scores > -1))
+
     def central_regions(self, dets: Detections) -> tuple[Tensor, Tensor]:
         """Each box's central region (eq. 3-4, μ by the box's area in image pixels, which equal input pixels at
         scale 1) and the two centres its corners decoded (tl then br)."""
@@ -208,3 +289,4 @@ class CentripetalNetDetector(CornerDetector):
                 dense = dense_from_centers(rendered[key], rendered[f"{kind}_ind"], rendered["tag_mask"], out_hw)
                 heads[key] = torch.from_numpy(dense)[None]
         return heads
+

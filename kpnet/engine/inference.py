@@ -4,6 +4,7 @@ let the detector decode, map boxes back to image pixels, postprocess the scales,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,9 +15,10 @@ from torch import Tensor
 from kpnet.config import TestConfig
 from kpnet.data.dataset import CocoIndex, TestImages
 from kpnet.data.transforms import test_input
-from kpnet.detectors.base import Detections, Detector, ScaleOutput
+from kpnet.detectors.base import Detections, Detector, GridFeatures, ScaleOutput
 from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
+from kpnet.masks import paste_masks, to_rle
 from kpnet.ops import soft_nms, soft_nms_merge
 
 # test.nms -> the soft-NMS method; a multi-scale test with nms "none" still merges, with gaussian (REFERENCE §4.3)
@@ -41,7 +43,11 @@ def scale_output(heads: Heads, detector: Detector, image: np.ndarray, test: Test
         batch = torch.cat([batch, batch.flip(-1)])
     outputs = heads(batch, meta)
     out_h, out_w = next(iter(outputs.values())).shape[-2:]
-    return detector.decode(outputs, test.flip).to_image(meta, inp.shape[-1] / out_w, inp.shape[-2] / out_h)
+    down_x, down_y = inp.shape[-1] / out_w, inp.shape[-2] / out_h
+    output = detector.decode(outputs, test.flip).to_image(meta, down_x, down_y)
+    if "mask_features" in outputs:  # the un-flipped image's, for the mask head after NMS
+        output = dataclasses.replace(output, mask_features=GridFeatures(outputs["mask_features"][:1], meta, down_x, down_y))
+    return output
 
 
 @torch.no_grad()
@@ -50,9 +56,12 @@ def detect_with_heads(heads: Heads, detector: Detector, image: np.ndarray, test:
 
     Every scale is decoded and mapped to image pixels, the detector's `postprocess` turns the scales into
     one image's detections (the triplet centre check, REFERENCE §4.2), then per-class soft-NMS (always
-    for several scales, REFERENCE §4.3, §4.5) and the best `max_per_image` by score.
+    for several scales, REFERENCE §4.3, §4.5), the best `max_per_image` by score, and their instance masks
+    where the detector has a mask head (CentripetalNet §3.3).
     """
-    return postprocess_image(detector, [scale_output(heads, detector, image, test, scale) for scale in test.scales], test)
+    per_scale = [scale_output(heads, detector, image, test, scale) for scale in test.scales]
+    dets = postprocess_image(detector, per_scale, test)
+    return detector.predict_masks(dets, per_scale) if detector.has_masks else dets
 
 
 def postprocess_image(detector: Detector, per_scale: list[ScaleOutput], test: TestConfig) -> Detections:
@@ -77,22 +86,30 @@ def postprocess_image(detector: Detector, per_scale: list[ScaleOutput], test: Te
     return dets.select(order)
 
 
-def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimals: int) -> list[dict[str, Any]]:
+def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimals: int,
+                    image_hw: tuple[int, int] | None = None, mask_threshold: float = 0.5) -> list[dict[str, Any]]:
     """COCO results entries ([x, y, w, h] boxes) for one image; values rounded as the reference does.
 
-    A box decoded with a negative size (possible early in training) is written with size 0.
+    A box decoded with a negative size (possible early in training) is written with size 0. Detections with
+    masks also get a `segmentation`: the mask pasted into the image (`image_hw`) at `mask_threshold`, as RLE.
     """
     rnd = (lambda v: round(float(v), decimals)) if decimals >= 0 else float
+    masks: list[Any] = [None] * len(dets)
+    if dets.masks is not None:
+        if image_hw is None:
+            raise ValueError("detections with masks need the image size to paste them")
+        masks = [to_rle(m) for m in paste_masks(dets.masks, dets.boxes, *image_hw, mask_threshold)]
     out = []
-    for (x1, y1, x2, y2), score, cls in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.classes.tolist()):
-        out.append(
-            {
-                "image_id": image_id,
-                "category_id": cat_ids[int(cls)],
-                "bbox": [rnd(x1), rnd(y1), rnd(max(x2 - x1, 0.0)), rnd(max(y2 - y1, 0.0))],
-                "score": rnd(score),
-            }
-        )
+    for (x1, y1, x2, y2), score, cls, mask in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.classes.tolist(), masks):
+        entry = {
+            "image_id": image_id,
+            "category_id": cat_ids[int(cls)],
+            "bbox": [rnd(x1), rnd(y1), rnd(max(x2 - x1, 0.0)), rnd(max(y2 - y1, 0.0))],
+            "score": rnd(score),
+        }
+        if mask is not None:
+            entry["segmentation"] = mask
+        out.append(entry)
     return out
 
 
@@ -123,7 +140,8 @@ def predict_dataset(
     results: list[dict[str, Any]] = []
     for item in iterate_images(index, num_workers):
         dets = detect(item["image"]) if detect is not None else detect_image(detector, item["image"])
-        results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals)
+        results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals,
+                                   item["image"].shape[:2], detector.test.mask_threshold)
         if on_image:
             on_image()
     return results

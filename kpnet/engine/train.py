@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from kpnet.config import Recipe
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
+from kpnet.data.validate import require_segmentations
 from kpnet.detectors.base import TargetRenderer
 from kpnet.engine.checkpoint import checkpoint_recipe, load_weights, read_checkpoint, resume_differences, save_checkpoint
 from kpnet.engine.host_memory import reuse_freed_memory
@@ -189,8 +190,12 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
     out_h = out_w = output_size(tr.input_size)
     encode = functools.partial(encode_input_boxes, detector.target_renderer(), out_h / tr.input_size, (out_h, out_w))
     a = recipe.augment
+    encode_masks = detector.mask_encoder(out_h / tr.input_size, (out_h, out_w))
+    if encode_masks is not None:
+        require_segmentations(index.coco.dataset, index.ann_file)
     dataset = TrainDataset(
-        index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop
+        index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop,
+        encode_masks,
     )
     sampler = EpochBatchSampler(len(dataset), tr.batch_size, tr.seed, start, end)
     workers = recipe.data.num_workers

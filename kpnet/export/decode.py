@@ -43,8 +43,14 @@ def export_pairs(tl: tuple[Tensor, ...], br: tuple[Tensor, ...], ae_threshold: f
     br_s, br_c, br_x, br_y, br_e = (t.unsqueeze(1) for t in br)
     keep = (br_x >= tl_x) & (br_y >= tl_y) & (tl_c == br_c) & ((tl_e - br_e).abs() <= ae_threshold)
     score = torch.where(keep, (tl_s + br_s) / 2, torch.full_like(tl_s + br_s, -1.0))
-    k_br = br_s.shape[-1]
-    scores, order = score.flatten(1).topk(min(num_dets, tl_s.shape[1] * k_br), dim=1)
+    return top_pairs(score, tl[:4], br[:4], num_dets)
+
+
+def top_pairs(score: Tensor, tl: tuple[Tensor, ...], br: tuple[Tensor, ...], num_dets: int) -> Pairs:
+    """The best `num_dets` of a (B, K_tl, K_br) pair-score grid as one TopK, with the boxes and classes of the
+    (score, class, x, y) corners of shape (B, K) they pair (REFERENCE §4.1 step 7)."""
+    k_br = score.shape[-1]
+    scores, order = score.flatten(1).topk(min(num_dets, score.shape[1] * k_br), dim=1)
     tl_index = torch.div(order, k_br, rounding_mode="floor")
     br_index = order % k_br
     boxes = torch.stack([torch.gather(tl[2], 1, tl_index), torch.gather(tl[3], 1, tl_index),

@@ -167,8 +167,10 @@ def make_sidecar(detector: Detector, graph: ExportGraph, opset: int, batch: int 
                             "(canvas // 2 - size // 2), padded before normalising"},
         },
         "output_stride": stride,
-        "outputs": [{"name": name, "meaning": OUTPUT_MEANING.get(name, "raw head (logits for heatmaps)")}
-                    for name in graph.output_names()],
+        "outputs": [{"name": name, "meaning": {**OUTPUT_MEANING, **detector.export_meanings}.get(
+                        name, "raw head (logits for heatmaps)")} for name in graph.output_names()],
+        "instance_masks": ("not exported: the mask head runs on the host after soft-NMS, which is outside the graph; "
+                           "eval --onnx scores boxes") if detector.has_masks else None,
         "flip_in_graph": graph.flip,
         "decode": dataclasses.asdict(detector.decoding),
         "host_side": {"nms": t.nms, "nms_sigma": t.nms_sigma, "nms_threshold": t.nms_threshold,
