@@ -170,6 +170,7 @@ class Recipe:
 
 
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+MASK_FAMILIES = ("centripetalnet",)  # families whose network has the instance-mask head (CentripetalNet §3.3)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
@@ -186,7 +187,11 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     """Build a frozen Recipe from a plain dict (e.g. one stored in a checkpoint), checking every key."""
-    return _build(Recipe, raw, source, prefix="")
+    recipe = _build(Recipe, raw, source, prefix="")
+    if recipe.model.mask and recipe.family not in MASK_FAMILIES:
+        raise KpnetError(source, f"model.mask: the {recipe.family} family has no instance-mask head "
+                                 f"(families with one: {', '.join(MASK_FAMILIES)})")
+    return recipe
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import cv2
 import numpy as np
 import pytest
@@ -86,3 +88,25 @@ def test_paste_inverts_crop_up_to_the_grid_resolution() -> None:
     assert rle["size"] == [h, w] and isinstance(rle["counts"], str)
     assert (mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}) == pasted).all()
     assert not paste_masks(grid, torch.tensor([[5.0, 5.0, 5.0, 9.0]]), h, w, 0.5).any()
+
+
+def test_mask_is_refused_for_families_without_the_head() -> None:
+    from kpnet.config import load_recipe
+    from kpnet.errors import KpnetError
+
+    repo = Path(__file__).resolve().parents[1]
+    with pytest.raises(KpnetError, match="model.mask: the cornernet family has no instance-mask head"):
+        load_recipe(repo / "recipes" / "cornernet_small_shapes.yaml", ["model.mask=true"])
+    assert load_recipe(repo / "recipes" / "centripetalnet_small_shapes.yaml", ["model.mask=true"]).model.mask
+
+
+def test_training_annotations_without_masks_are_named(tmp_path: Path) -> None:
+    """A mask recipe needs polygons or RLE on every training annotation: exit 2 naming the file and the annotation."""
+    from kpnet.data.validate import require_segmentations
+    from kpnet.errors import KpnetError
+
+    doc = {"annotations": [{"id": 1, "segmentation": [[0, 0, 4, 0, 4, 4]]}, {"id": 7, "segmentation": []}]}
+    with pytest.raises(KpnetError, match="annotation id 7 has no usable 'segmentation'") as err:
+        require_segmentations(doc, tmp_path / "instances.json")
+    assert "instances.json" in err.value.line()
+    require_segmentations({"annotations": [{"id": 2, "segmentation": {"size": [4, 4], "counts": "04L"}}]}, tmp_path)
