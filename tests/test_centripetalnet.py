@@ -5,6 +5,7 @@ ground-truth heads back to the boxes."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -242,3 +243,24 @@ def test_ground_truth_masks_pasted_through_the_pipeline(shapes_small: Path) -> N
     dt = evaluation.load_dets(results, index.coco, source="gt-masks")
     assert evaluation.has_masks(dt)
     assert evaluation.stats_dict(evaluation.evaluate(index.coco, dt, iou_type="segm"))["AP"] >= 0.95
+
+
+def test_an_exported_model_refuses_other_decode_settings() -> None:
+    """`eval --onnx` compares the recipe's decode settings (μ rule included, which are not test fields by name)
+    with those the graph was exported with."""
+    import dataclasses
+
+    from kpnet.errors import KpnetError
+    from kpnet.export.runtime import OnnxModel
+
+    model = OnnxModel.__new__(OnnxModel)
+    official = detector()
+    model.heads_only, model.path = False, Path("m.onnx")
+    model.sidecar = json.loads(json.dumps({"flip_in_graph": official.test.flip, "decode": dataclasses.asdict(official.decoding)}))
+    model.check_decoding(official.test, official.decoding)
+    paper = detector("test.centripetal_mu=paper")
+    with pytest.raises(KpnetError, match="the decode setting mu_small"):
+        model.check_decoding(paper.test, paper.decoding)
+    fewer = detector("test.k=3")
+    with pytest.raises(KpnetError, match="--set test.k=4"):
+        model.check_decoding(fewer.test, fewer.decoding)

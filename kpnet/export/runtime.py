@@ -3,6 +3,7 @@ on kpnet's own test input, with kpnet's host-side post-processing, so it is scor
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kpnet.config import Recipe
+from kpnet.config import Recipe, TestConfig
 from kpnet.data.transforms import test_input
 from kpnet.detectors.base import Detections, Detector, ScaleOutput
 from kpnet.engine.inference import postprocess_image, scale_output
@@ -53,13 +54,25 @@ class OnnxModel:
         s, t = self.sidecar, recipe.test
         wanted = {"family": (s["family"], recipe.family), "model.num_classes": (s["num_classes"], recipe.model.num_classes),
                   "test.pad": (s["input"]["pad"]["pad"], t.pad), "test.pad_add": (s["input"]["pad"]["pad_add"], t.pad_add)}
-        if not self.heads_only:
-            wanted["test.flip"] = (s["flip_in_graph"], t.flip)
-            wanted.update({f"test.{k}": (v, getattr(t, k)) for k, v in s["decode"].items()})
         for key, (exported, given) in wanted.items():
             if exported != given:
                 raise KpnetError("--onnx", f"{self.path.name} was exported with {key}={exported!r}, the recipe has "
                                            f"{given!r}: re-export, or --set {key}={exported}")
+
+    def check_decoding(self, test: TestConfig, decoding: Any) -> None:
+        """Exit 2 unless the recipe's flip and decode settings (the detector's `decoding`, built from `test`) are
+        those the graph was exported with (detections graphs)."""
+        if self.heads_only:
+            return
+        wanted = {"test.flip": (self.sidecar["flip_in_graph"], test.flip)}
+        given = dataclasses.asdict(decoding)
+        wanted.update({f"test.{k}" if hasattr(test, k) else f"the decode setting {k}": (v, given.get(k))
+                       for k, v in self.sidecar["decode"].items()})
+        for key, (exported, now) in wanted.items():
+            if exported != now:
+                fix = f"--set {key}={exported}" if key.startswith("test.") else "the recipe's test settings it was exported with"
+                raise KpnetError("--onnx", f"{self.path.name} was exported with {key}={exported!r}, the recipe gives "
+                                           f"{now!r}: re-export, or use {fix}")
 
     def run(self, batch: np.ndarray) -> dict[str, Tensor]:
         """The graph's outputs by name for an (N, 3, H, W) input."""
@@ -98,6 +111,7 @@ def onnx_detector(recipe: Recipe, model: OnnxModel) -> Detector:
 
     model.check_recipe(recipe)
     detector = FAMILIES[recipe.family](recipe, network=torch.nn.Module())
+    model.check_decoding(recipe.test, detector.decoding)
     detector.class_names = model.sidecar["class_names"]
     detector.cat_ids = model.sidecar["category_ids"]
     return detector
