@@ -102,7 +102,8 @@ def peers_alive(what: str) -> Iterator[None]:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not isinstance(e, dist.DistError) and not _PEER_GONE.search(text):
             raise
-        raise PeerLost(None, f"another process of the run is gone ({what}): {text[:200]}") from None
+        text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]  # gloo's source location and advice go
+        raise PeerLost(None, f"another process of the run is gone ({what}): {text[:160]}") from None
 
 
 @dataclass(frozen=True)

@@ -228,7 +228,7 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         # Batch-norm running statistics stay per rank (rank 0's are checkpointed); training uses batch statistics.
         net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None, forward_sync_buffers=False)
 
     out_h = out_w = output_size(tr.input_size)
     encode = functools.partial(encode_input_boxes, detector.target_renderer(), out_h / tr.input_size, (out_h, out_w))
