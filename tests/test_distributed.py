@@ -248,8 +248,7 @@ def test_two_machines_on_one_host_equal_one_process(shapes_small: Path, one_proc
     nodes = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
-               "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}", "--rdzv-id=kpnet-test", "-m", "kpnet",
-               *train_args(shapes_small, out, "train.max_iterations=10")]
+               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "kpnet", *train_args(shapes_small, out, "train.max_iterations=10")]
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                       env={**os.environ, **ENV}))
     results = [p.communicate(timeout=600) for p in nodes]
