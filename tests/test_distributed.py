@@ -22,7 +22,8 @@ import torch
 
 from conftest import REPO, parse_json_stdout, run_cli
 from kpnet.engine.checkpoint import read_checkpoint
-from kpnet.engine.distributed import BatchSplit, MicroBatchSampler, World, shard, split_batch
+from kpnet.config import load_recipe
+from kpnet.engine.distributed import BatchSplit, MicroBatchSampler, World, plan, shard, split_batch
 from kpnet.errors import KpnetError
 
 CORNER = REPO / "recipes" / "cornernet_small_shapes.yaml"
@@ -131,6 +132,13 @@ def test_batch_that_does_not_divide_names_the_valid_choices() -> None:
     assert e.value.line() == ("r.yaml: train.batch_size=10 does not split into 2 rank(s) × train.accumulate=3 equal "
                               "micro-batches; valid train.batch_size: multiples of 6 (6, 12, 18, 24, 30, ...); "
                               "valid train.accumulate on 2 rank(s): 1, 5")
+
+
+def test_sync_bn_over_cpu_ranks_is_exit_2_and_one_process_has_nothing_to_sync() -> None:
+    train = load_recipe(CORNER, ["train.sync_bn=true", "train.batch_size=8"]).train
+    with pytest.raises(KpnetError, match="train.sync_bn: SyncBatchNorm runs on GPUs only"):
+        plan(train, 2, "cpu")
+    assert plan(train, 1, "cpu").micro == 8 and plan(train, 2, "cuda").micro == 4
 
 
 def test_nproc_per_node_with_a_batch_that_does_not_divide_is_exit_2(shapes_small: Path, tmp_path: Path) -> None:

@@ -50,7 +50,7 @@ def train_command(
         check_device(device)
         r = _recipe(recipe, overrides, seed)
         run_dir = out or Path("runs") / r.name
-        split = distributed.split_batch(r.train.batch_size, world.size, r.train.accumulate, r.source or None)
+        split = distributed.plan(r.train, world.size, device, r.source or None)
         if not world.is_main:
             return _other_rank(engine, r, run_dir, device, resume, force, world)
         if world.distributed or split.accumulate > 1:
@@ -152,7 +152,7 @@ def _launch(nproc: int, recipe: Path, overrides: list[str] | None, seed: int | N
         raise KpnetError("--nproc-per-node", "this process is already one rank of a torchrun run; drop --nproc-per-node")
     check_device(device)
     r = _recipe(recipe, overrides, seed)
-    distributed.split_batch(r.train.batch_size, nproc, r.train.accumulate, r.source or None)
+    distributed.plan(r.train, nproc, device, r.source or None)
     argv = sys.argv[1:]
     worker_argv = _without_option(argv, "--nproc-per-node")
     code = distributed.launch(nproc, worker_argv, "kpnet " + shlex.join(argv), device)

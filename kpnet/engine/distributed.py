@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
+from kpnet.config import TrainConfig
 from kpnet.errors import KpnetError
 
 LAUNCH_COMMAND_ENV = "KPNET_LAUNCH_COMMAND"  # the user's `kpnet train --nproc-per-node` line, for the resume hint
@@ -144,6 +145,14 @@ def split_batch(batch: int, ranks: int, accumulate: int, source: str | None = No
                                  f"{accumulate} equal micro-batches; valid train.batch_size: multiples of {parts} "
                                  f"({batches}, ...); valid train.accumulate on {ranks} rank(s): {steps}")
     return BatchSplit(batch, ranks, accumulate)
+
+
+def plan(train: TrainConfig, ranks: int, device: str, source: str | None = None) -> BatchSplit:
+    """The batch split of a run on `ranks` processes, after checking that `train.sync_bn` can run there."""
+    if train.sync_bn and ranks > 1 and device != "cuda":
+        raise KpnetError(source, "train.sync_bn: SyncBatchNorm runs on GPUs only; on CPU each rank keeps its own "
+                                 "batch norm: set train.sync_bn=false")
+    return split_batch(train.batch_size, ranks, train.accumulate, source)
 
 
 class MicroBatchSampler(Sampler):

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,10 +193,7 @@ def _resume_state(recipe: Recipe, ckpt_path: Path, force: bool, world: distribut
 def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: Progress, force: bool,
            received: list[int], world: distributed.World) -> dict[str, Any]:
     tr = recipe.train
-    split = distributed.split_batch(tr.batch_size, world.size, tr.accumulate, recipe.source or None)
-    if tr.sync_bn and world.distributed and device != "cuda":
-        raise KpnetError(recipe.source or None, "train.sync_bn: SyncBatchNorm runs on CUDA only; on CPU each rank "
-                                                "keeps its own batch norm: set train.sync_bn=false")
+    split = distributed.plan(tr, world.size, device, recipe.source or None)
     index = load_split(recipe, "train")
 
     torch.manual_seed(tr.seed)
@@ -290,15 +288,14 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
             scaler.scale(total).backward()
         return losses
 
-    batches = iter(loader)
     try:
         with contextlib.ExitStack() as stack:
             log = None
-            while it < end:
+            for group in _iterations(loader, split.accumulate):
                 optimizer.zero_grad(set_to_none=True)
                 sums: Tensor | None = None
-                for micro in range(split.accumulate):
-                    losses = micro_step(next(batches), micro == split.accumulate - 1)
+                for micro, batch in enumerate(group):
+                    losses = micro_step(batch, micro == split.accumulate - 1)
                     values = torch.stack([v.detach().float() for v in losses.values()])
                     sums = values if sums is None else sums + values
                 assert sums is not None
@@ -377,6 +374,17 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         "dropped_boxes": index.dropped_boxes,
         "batch_split": split.to_dict(),
     }
+
+
+def _iterations(loader: Iterable[dict[str, Tensor]], accumulate: int) -> Iterator[list[dict[str, Tensor]]]:
+    """The loader's micro-batches grouped `accumulate` to an iteration.
+
+    The loader's iterator lives in this generator's frame, so it (and its DataLoader workers, which ignore
+    SIGTERM) is shut down as soon as the training loop is left, not at interpreter exit.
+    """
+    micro = iter(loader)
+    while group := list(itertools.islice(micro, accumulate)):
+        yield group
 
 
 def _kept(ckpt_path: Path, saved: int, start: int) -> str:
