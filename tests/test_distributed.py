@@ -44,7 +44,8 @@ def train_args(shapes: Path, out: Path, *sets: str, resume: bool = False) -> lis
 
 def torchrun(*args: str, nproc: int = 2, timeout: float = 600) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N -m kpnet ARGS`."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "kpnet", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "--log-dir=/dev/null",
+           "-m", "kpnet", *args]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, **ENV}, timeout=timeout)
 
 
@@ -256,7 +257,8 @@ def test_two_machines_on_one_host_equal_one_process(shapes_small: Path, one_proc
     nodes = []
     for node in (0, 1):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node-rank={node}", "--nproc-per-node=1",
-               f"--rdzv-endpoint=127.0.0.1:{port}", "-m", "kpnet", *train_args(shapes_small, out, "train.max_iterations=10")]
+               f"--rdzv-endpoint=127.0.0.1:{port}", "--log-dir=/dev/null", "-m", "kpnet",
+               *train_args(shapes_small, out, "train.max_iterations=10")]
         nodes.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                                       env={**os.environ, **ENV}))
     results = [p.communicate(timeout=600) for p in nodes]

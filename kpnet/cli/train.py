@@ -6,11 +6,15 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run, stopped
+
+if TYPE_CHECKING:
+    from kpnet.config import Recipe
+    from kpnet.engine.distributed import World
 
 
 def train_command(
@@ -52,7 +56,7 @@ def train_command(
         run_dir = out or Path("runs") / r.name
         split = distributed.plan(r.train, world.size, device, r.source or None)
         if not world.is_main:
-            return _other_rank(engine, r, run_dir, device, resume, force, world)
+            return _other_rank(r, run_dir, device, resume, force, world)
         if world.distributed or split.accumulate > 1:
             o.err.print(f"train {r.name}: {split.describe()}", soft_wrap=True)
         bar = Progress(
@@ -113,7 +117,7 @@ def train_command(
     run(json_out and world.is_main, debug, body)
 
 
-def _recipe(recipe: Path, overrides: list[str] | None, seed: int | None) -> Any:
+def _recipe(recipe: Path, overrides: list[str] | None, seed: int | None) -> Recipe:
     from kpnet.config import load_recipe
 
     sets = list(overrides or [])
@@ -122,8 +126,9 @@ def _recipe(recipe: Path, overrides: list[str] | None, seed: int | None) -> Any:
     return load_recipe(recipe, sets)
 
 
-def _other_rank(engine: Any, r: Any, run_dir: Path, device: str, resume: bool, force: bool, world: Any) -> dict[str, Any]:
+def _other_rank(r: Recipe, run_dir: Path, device: str, resume: bool, force: bool, world: World) -> dict[str, Any]:
     """A rank other than 0: train silently; stop with rank 0 (which says why), name the rank on an error."""
+    from kpnet.engine import train as engine
     from kpnet.errors import KpnetError
 
     try:

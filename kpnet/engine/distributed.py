@@ -80,8 +80,7 @@ def process_group(device: str) -> Iterator[World]:
                                                  f"{torch.cuda.device_count()}; start one process per GPU")
         torch.cuda.set_device(world.local_rank)
     backend = "nccl" if device == "cuda" else "gloo"
-    with peers_alive("joining the process group"):
-        dist.init_process_group(backend, rank=world.rank, world_size=world.size)
+    dist.init_process_group(backend, rank=world.rank, world_size=world.size)
     try:
         yield world
     finally:
@@ -94,14 +93,15 @@ _PEER_GONE = re.compile(r"connection (closed|reset)|broken pipe|timed out|timeou
 
 @contextlib.contextmanager
 def peers_alive(what: str) -> Iterator[None]:
-    """Turn a collective's failure because a peer is gone into `PeerLost` naming `what` was going on."""
+    """Turn a collective's failure because a peer is gone into `PeerLost` naming `what` was going on (in a
+    process group only: one process has no peers to lose)."""
     try:
         yield
     except PeerLost:
         raise
     except (RuntimeError, dist.DistError) as e:
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if not isinstance(e, dist.DistError) and not _PEER_GONE.search(text):
+        if not dist.is_initialized() or (not isinstance(e, dist.DistError) and not _PEER_GONE.search(text)):
             raise
         text = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0]  # gloo's source location and advice go
         raise PeerLost(None, f"another process of the run is gone ({what}): {text[:160]}") from None
