@@ -106,7 +106,9 @@ class TrainConfig:
     """Optimisation schedule: Adam with step decay by 10 at `lr_steps` (epochs)."""
 
     input_size: int = 512
-    batch_size: int = 128
+    batch_size: int = 128  # the global batch: split over the ranks of a distributed run and the accumulate steps
+    accumulate: int = 1  # gradient-accumulation steps per iteration: each rank runs batch/(ranks·accumulate) images at once
+    sync_bn: bool = False  # distributed CUDA runs: SyncBatchNorm over the ranks' micro-batches (not over accumulate steps)
     lr: float = 5e-4
     epochs: int = 140
     lr_steps: tuple[int, ...] = (90, 120)

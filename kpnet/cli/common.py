@@ -3,7 +3,9 @@ the one place that turns results and errors into stdout, stderr and exit codes.
 
 Exit codes: 0 success; 1 a check the user asked for failed (e.g. `--min-ap`);
 2 bad input or usage (one line naming the file and the culprit); 3 an internal error
-(a bug: rerun with `--debug` for the traceback); 130 interrupted (SIGINT), 143 terminated (SIGTERM).
+(a bug: rerun with `--debug` for the traceback); 4 a distributed run lost one of its processes
+(`kpnet.engine.distributed.PeerLost`; `--nproc-per-node` exits 128 + signal when one was killed);
+130 interrupted (SIGINT), 143 terminated (SIGTERM).
 A signal unwinds the command like an exception, so a file being written atomically is dropped
 and nothing partial is left; `kpnet train` instead stops after the current step (see `stopped`).
 """

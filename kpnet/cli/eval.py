@@ -62,7 +62,14 @@ def eval_command(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """COCO AP (bbox; segm for masks) of a checkpoint (RECIPE --checkpoint CKPT) or a results file (--gt ANN --dets RESULTS)."""
+    """COCO AP (bbox; segm for masks) of a checkpoint (RECIPE --checkpoint CKPT) or a results file (--gt ANN --dets RESULTS).
+
+    Under torchrun each rank decodes a contiguous shard of the images; rank 0 gathers them in file order,
+    writes the results and scores them (the other ranks print nothing).
+    """
+    from kpnet.engine.distributed import world_from_env
+
+    main_rank = world_from_env().is_main
 
     def body(o: Output) -> dict[str, Any]:
         from kpnet import evaluation
@@ -112,7 +119,7 @@ def eval_command(
             o.check(doc[types[0]]["AP"] >= min_ap, f"{types[0]} AP {doc[types[0]]['AP']:.4f} < --min-ap {min_ap}")
         return doc
 
-    run(json_out, debug, body)
+    run(json_out and main_rank, debug, body)
 
 
 def _predict(
@@ -122,11 +129,13 @@ def _predict(
     import dataclasses
     import functools
 
+    import torch
     from rich.progress import Progress
 
     from kpnet.api import load_checkpoint
     from kpnet.config import load_recipe
     from kpnet.data.dataset import load_split
+    from kpnet.engine import distributed
     from kpnet.engine.inference import predict_dataset
     from kpnet.io import atomic_write_json
 
@@ -139,16 +148,23 @@ def _predict(
     r = dataclasses.replace(r, test=test)
     index = load_split(r, split)
     detect = None
-    if is_onnx:
-        from kpnet.export.runtime import load_onnx
+    with distributed.process_group("cpu" if is_onnx else device) as world:
+        if is_onnx:
+            from kpnet.export.runtime import load_onnx
 
-        model, detector = load_onnx(checkpoint, r)
-        detect = functools.partial(model.detect, detector)
-    else:
-        detector = load_checkpoint(checkpoint, recipe=r, device=device)
-    with Progress(console=o.err, transient=True) as bar:
-        task = bar.add_task(f"eval {split}", total=len(index.image_ids))
-        results = predict_dataset(detector, index, r.data.num_workers, on_image=lambda: bar.advance(task), detect=detect)
+            model, detector = load_onnx(checkpoint, r)
+            detect = functools.partial(model.detect, detector)
+        else:
+            detector = load_checkpoint(checkpoint, recipe=r, device=device)
+        positions = distributed.shard(len(index.image_ids), world)
+        with Progress(console=o.err, transient=True, disable=not world.is_main) as bar:
+            task = bar.add_task(f"eval {split}", total=len(positions))
+            results = predict_dataset(detector, index, r.data.num_workers, on_image=lambda: bar.advance(task),
+                                      detect=detect, positions=positions if world.distributed else None)
+        gathered = distributed.gather_json(results, world, detector.device if not is_onnx else torch.device("cpu"))
+    if gathered is None:  # a rank other than 0: rank 0 writes and scores
+        raise typer.Exit(0)
+    results = gathered
     results_path = out or checkpoint.parent / f"results_{split}{'_onnx' if is_onnx else ''}.json"
     atomic_write_json(results_path, results)
     info = {

@@ -1,15 +1,20 @@
-"""`kpnet train RECIPE`: train a detector on CPU or CUDA with checkpoints and exact resume."""
+"""`kpnet train RECIPE`: train a detector on CPU or CUDA with checkpoints and exact resume; under torchrun
+(or with `--nproc-per-node N`, which starts torchrun's launcher itself) one rank of a distributed run."""
 
 from __future__ import annotations
 
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run, stopped
+
+if TYPE_CHECKING:
+    from kpnet.config import Recipe
+    from kpnet.engine.distributed import World
 
 
 def train_command(
@@ -21,27 +26,39 @@ def train_command(
         "--force", help="With --resume: continue even though the recipe differs from the checkpoint's.")] = False,
     device: DeviceOpt = "cpu",
     seed: Annotated[int | None, typer.Option("--seed", help="Seed for weights, sample order and augmentation.")] = None,
+    nproc_per_node: Annotated[int | None, typer.Option(
+        "--nproc-per-node", help="Train with this many processes on this machine (one per GPU), started through "
+                                 "torchrun's launcher; train.batch_size is the global batch.")] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Train a recipe; writes last.pt, metrics.jsonl and loss.png into the run directory.
 
     SIGTERM or Ctrl-C stops after the current step with last.pt written and the command that resumes
-    (exit 143 / 130); a second one exits at once. One run at a time per run directory.
+    (exit 143 / 130); a second one exits at once. One run at a time per run directory. Under torchrun
+    (or --nproc-per-node) rank 0 logs and writes; a rank that dies ends the run (exit 4, last.pt kept).
     """
+    from kpnet.engine.distributed import world_from_env
+
+    world = world_from_env()
+    if nproc_per_node is not None:
+        run(json_out, debug, lambda o: _launch(nproc_per_node, recipe, overrides, seed, device))
+        return
 
     def body(o: Output) -> dict[str, Any]:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from kpnet.config import load_recipe
+        from kpnet.engine import distributed
         from kpnet.engine import train as engine
 
         check_device(device)
-        sets = list(overrides or [])
-        if seed is not None:
-            sets.append(f"train.seed={seed}")
-        r = load_recipe(recipe, sets)
+        r = _recipe(recipe, overrides, seed)
         run_dir = out or Path("runs") / r.name
+        split = distributed.plan(r.train, world.size, device, r.source or None)
+        if not world.is_main:
+            return _other_rank(r, run_dir, device, resume, force, world)
+        if world.distributed or split.accumulate > 1:
+            o.err.print(f"train {r.name}: {split.describe()}", soft_wrap=True)
         bar = Progress(
             TextColumn("[bold]train[/bold] {task.fields[name]}"),
             BarColumn(),
@@ -82,6 +99,8 @@ def train_command(
                                    force=force)
         except engine.Stopped as s:
             halt = s
+        except distributed.PeerLost as e:
+            raise distributed.PeerLost(None, f"{e.message}; resume with: {resume_command(sys.argv[1:])}") from None
         finally:
             if live:
                 bar.stop()
@@ -94,12 +113,68 @@ def train_command(
             o.print(f"loss curve: {summary['loss_plot']}")
         return {"recipe": str(recipe), "name": r.name, **summary}
 
-    run(json_out, debug, body)
+    # Ranks other than 0 print their errors only (prefixed with the rank) and no --json document.
+    run(json_out and world.is_main, debug, body)
+
+
+def _recipe(recipe: Path, overrides: list[str] | None, seed: int | None) -> Recipe:
+    from kpnet.config import load_recipe
+
+    sets = list(overrides or [])
+    if seed is not None:
+        sets.append(f"train.seed={seed}")
+    return load_recipe(recipe, sets)
+
+
+def _other_rank(r: Recipe, run_dir: Path, device: str, resume: bool, force: bool, world: World) -> dict[str, Any]:
+    """A rank other than 0: train silently; stop with rank 0 (which says why), name the rank on an error."""
+    from kpnet.engine import train as engine
+    from kpnet.errors import KpnetError
+
+    try:
+        engine.train(r, run_dir, device=device, resume=resume, force=force)
+    except engine.Stopped as s:
+        raise typer.Exit(s.exit_code) from None
+    except KpnetError as e:
+        raise type(e)(f"rank {world.rank}", e.line()) from None
+    raise typer.Exit(0)
 
 
 def resume_command(argv: list[str]) -> str:
-    """The command line that continues this run: the same arguments with --resume."""
-    return "kpnet " + shlex.join(argv if "--resume" in argv else [*argv, "--resume"])
+    """The command line that continues this run: the same arguments with --resume (under torchrun, its line)."""
+    from kpnet.engine.distributed import resume_hint
+
+    return resume_hint(argv)
+
+
+def _launch(nproc: int, recipe: Path, overrides: list[str] | None, seed: int | None, device: str) -> None:
+    """`--nproc-per-node N`: check the recipe and the batch split once here, then run N ranks through torchrun's
+    launcher with the same arguments (without --nproc-per-node) and exit with their code."""
+    from kpnet.engine import distributed
+    from kpnet.errors import KpnetError
+
+    if distributed.world_from_env().distributed:
+        raise KpnetError("--nproc-per-node", "this process is already one rank of a torchrun run; drop --nproc-per-node")
+    check_device(device)
+    r = _recipe(recipe, overrides, seed)
+    distributed.plan(r.train, nproc, device, r.source or None)
+    argv = sys.argv[1:]
+    worker_argv = _without_option(argv, "--nproc-per-node")
+    code = distributed.launch(nproc, worker_argv, "kpnet " + shlex.join(argv), device)
+    raise typer.Exit(code)
+
+
+def _without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` without `name VALUE` / `name=VALUE`."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            out.append(arg)
+    return out
 
 
 def register(app: typer.Typer) -> None:

@@ -90,10 +90,11 @@ def checkpoint_recipe(doc: dict[str, Any], path: str | Path) -> Recipe:
     return recipe_from_dict(doc["recipe"], source=str(path))
 
 
-# Keys that may change between a run and its --resume without changing what is trained.
+# Keys that may change between a run and its --resume without changing what is trained. `train.accumulate`
+# trades with the number of ranks (which a resume may change too): the sample stream stays the same.
 RESUMABLE_KEYS = frozenset({
     "source", "data.num_workers", "train.log_every", "train.checkpoint_every", "train.max_iterations",
-    "train.on_nonfinite", "train.nonfinite_limit",
+    "train.on_nonfinite", "train.nonfinite_limit", "train.accumulate",
 })
 
 

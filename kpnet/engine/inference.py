@@ -5,7 +5,7 @@ let the detector decode, map boxes back to image pixels, postprocess the scales,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -113,10 +113,13 @@ def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimal
     return out
 
 
-def iterate_images(index: CocoIndex, num_workers: int) -> Iterator[dict[str, Any]]:
-    """Decoded test images in file order, read by DataLoader workers; a bad image stops with its line."""
+def iterate_images(index: CocoIndex, num_workers: int, positions: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded test images in file order (only those at `positions`, e.g. a rank's shard, when given), read by
+    DataLoader workers; a bad image stops with its line."""
+    images = TestImages(index)
     loader = torch.utils.data.DataLoader(
-        TestImages(index), batch_size=None, num_workers=num_workers, collate_fn=lambda s: s
+        images if positions is None else torch.utils.data.Subset(images, list(positions)),
+        batch_size=None, num_workers=num_workers, collate_fn=lambda s: s,
     )
     for item in loader:
         if "error" in item:
@@ -130,15 +133,17 @@ def predict_dataset(
     num_workers: int = 0,
     on_image: Callable[[], None] | None = None,
     detect: Callable[[np.ndarray], Detections] | None = None,
+    positions: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the test pipeline over every image of a data set -> COCO results list; `detect` replaces the
-    detector's network (e.g. an exported model in onnxruntime, which runs on the CPU)."""
+    """Run the test pipeline over every image of a data set (or those at `positions`: a distributed rank's
+    shard) -> COCO results list; `detect` replaces the detector's network (e.g. an exported model in
+    onnxruntime, which runs on the CPU)."""
     if detect is None:
         detector.eval()
     if detect is not None or detector.device.type == "cpu":
         reuse_freed_memory()
     results: list[dict[str, Any]] = []
-    for item in iterate_images(index, num_workers):
+    for item in iterate_images(index, num_workers, positions):
         dets = detect(item["image"]) if detect is not None else detect_image(detector, item["image"])
         results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals,
                                    item["image"].shape[:2], detector.test.mask_threshold)

@@ -10,19 +10,27 @@ A run holds its folder's lock (`kpnet.io.run_lock`). SIGTERM or SIGINT finishes 
 writes last.pt and raises `Stopped`; a second one exits at once, leaving last.pt as it was. A
 non-finite loss term stops the run (or, with `train.on_nonfinite: skip`, drops the step) before
 anything is written over the last good checkpoint.
+
+Under torchrun (`kpnet.engine.distributed`) every rank runs this loop on its share of each global
+batch, in `train.accumulate` micro-batches, through DistributedDataParallel; rank 0 alone holds the
+lock and writes metrics, plots and checkpoints (of the bare network: no `module.` prefixes). The
+ranks agree after every iteration on its loss terms and on whether a signal asked them to stop, so
+they stop at the same iteration; when another rank is gone, rank 0 writes the last completed
+iteration (the weights are the same on every rank after each step) and the run ends with exit 4.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +42,7 @@ from kpnet.config import Recipe
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
 from kpnet.data.validate import require_segmentations
 from kpnet.detectors.base import TargetRenderer
+from kpnet.engine import distributed
 from kpnet.engine.checkpoint import checkpoint_recipe, load_weights, read_checkpoint, resume_differences, save_checkpoint
 from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
@@ -135,27 +144,57 @@ def train(
     progress: Progress | None = None,
     force: bool = False,
 ) -> dict[str, Any]:
-    """Train `recipe` into out_dir/{last.pt, metrics.jsonl, loss.png} under its run lock; `Stopped` on a signal."""
+    """Train `recipe` into out_dir/{last.pt, metrics.jsonl, loss.png} under its run lock; `Stopped` on a signal.
+
+    Under torchrun this process is one rank of the run (see the module docstring); only rank 0 touches out_dir.
+    """
     out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise write_error(out_dir, e, False) from None
-    try:
-        with run_lock(out_dir), stop_on_signals() as received:
-            return _train(recipe, out_dir, device, resume, progress or Progress(), force, received)
-    finally:
-        if created:  # a run that failed before writing anything leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise KpnetError("--device", "cuda requested but no CUDA device is available")
+    with distributed.process_group(device) as world:
+        if not world.is_main:
+            with stop_on_signals() as received:
+                return _train(recipe, out_dir, device, resume, Progress(), force, received, world)
+        created = not out_dir.exists()
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_error(out_dir, e, False) from None
+        try:
+            with run_lock(out_dir), stop_on_signals() as received:
+                return _train(recipe, out_dir, device, resume, progress or Progress(), force, received, world)
+        finally:
+            if created:  # a run that failed before writing anything leaves no empty folder behind
+                with contextlib.suppress(OSError):
+                    out_dir.rmdir()
+
+
+def _resume_state(recipe: Recipe, ckpt_path: Path, force: bool, world: distributed.World, device: torch.device) -> dict[str, Any]:
+    """The checkpoint to resume from, read and checked by rank 0 and shared with the other ranks."""
+    doc: dict[str, Any] | None = None
+    if world.is_main:
+        try:
+            doc = read_checkpoint(ckpt_path)
+            differences = resume_differences(checkpoint_recipe(doc, ckpt_path), recipe)
+            if differences and not force:
+                more = f" (+{len(differences) - 5} more)" if len(differences) > 5 else ""
+                raise KpnetError(ckpt_path, f"--resume with a recipe that differs from the checkpoint's: "
+                                            f"{'; '.join(differences[:5])}{more}; resume with the same recipe, or add --force")
+        except KpnetError as e:
+            if not world.distributed:
+                raise
+            distributed.broadcast_state({"error": e.line()}, world, device)
+            raise
+    doc = distributed.broadcast_state(doc, world, device)
+    if "error" in doc:
+        raise KpnetError(None, f"rank 0 cannot resume: {doc['error']}")
+    return doc
 
 
 def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: Progress, force: bool,
-           received: list[int]) -> dict[str, Any]:
+           received: list[int], world: distributed.World) -> dict[str, Any]:
     tr = recipe.train
-    if device == "cuda" and not torch.cuda.is_available():
-        raise KpnetError("--device", "cuda requested but no CUDA device is available")
+    split = distributed.plan(tr, world.size, device, recipe.source or None)
     index = load_split(recipe, "train")
 
     torch.manual_seed(tr.seed)
@@ -171,13 +210,9 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=tr.warmup_iters, steps=steps))
     start = 0
     ckpt_path = out_dir / "last.pt"
+    comm_device = torch.device(device, torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     if resume:
-        doc = read_checkpoint(ckpt_path)
-        differences = resume_differences(checkpoint_recipe(doc, ckpt_path), recipe)
-        if differences and not force:
-            more = f" (+{len(differences) - 5} more)" if len(differences) > 5 else ""
-            raise KpnetError(ckpt_path, f"--resume with a recipe that differs from the checkpoint's: "
-                                        f"{'; '.join(differences[:5])}{more}; resume with the same recipe, or add --force")
+        doc = _resume_state(recipe, ckpt_path, force, world, comm_device)
         load_weights(model, doc, ckpt_path)
         optimizer.load_state_dict(doc["optimizer"])
         scheduler.load_state_dict(doc["scheduler"])
@@ -185,7 +220,14 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
     end = min(total, tr.max_iterations) if tr.max_iterations > 0 else total
 
     metrics_path = out_dir / "metrics.jsonl"
-    history = _read_history(metrics_path, start) if resume else []
+    history = _read_history(metrics_path, start) if resume and world.is_main else []
+    net: nn.Module = model
+    if world.distributed:
+        if tr.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        # Batch-norm running statistics stay per rank (rank 0's are checkpointed); training uses batch statistics.
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[torch.cuda.current_device()] if device == "cuda" else None, forward_sync_buffers=False)
 
     out_h = out_w = output_size(tr.input_size)
     encode = functools.partial(encode_input_boxes, detector.target_renderer(), out_h / tr.input_size, (out_h, out_w))
@@ -197,7 +239,8 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop,
         encode_masks,
     )
-    sampler = EpochBatchSampler(len(dataset), tr.batch_size, tr.seed, start, end)
+    sampler = distributed.MicroBatchSampler(EpochBatchSampler(len(dataset), tr.batch_size, tr.seed, start, end),
+                                            split, world.rank)
     workers = recipe.data.num_workers
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate, persistent_workers=False,
@@ -221,7 +264,8 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         # (measured 10x slower steps on 2 cores with 2 threads + 1 worker).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - workers))
     model.train()
-    progress.start(start, end)
+    if world.is_main:
+        progress.start(start, end)
     it = saved = start
     tic = time.perf_counter()
     last: dict[str, float] = {}
@@ -236,53 +280,87 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         save_checkpoint(ckpt_path, model, recipe, **state(it))
         saved = it
 
-    with contextlib.ExitStack() as stack:
-        log = None
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            images = batch.pop("image").contiguous(memory_format=memory_format)
+    def micro_step(batch: dict[str, Tensor], last_micro: bool) -> dict[str, Tensor]:
+        """Forward, loss and backward of one micro-batch; DDP averages the gradients over ranks on the last one."""
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        images = batch.pop("image").contiguous(memory_format=memory_format)
+        sync = contextlib.nullcontext() if last_micro or not world.distributed else net.no_sync()  # type: ignore[operator]
+        with sync, distributed.peers_alive(f"iteration {it + 1}"):
             with torch.autocast(device_type=device, dtype=amp_dtype, enabled=use_amp):
-                outputs = model(images)
+                outputs = net(images)
             losses = chunked_loss(loss_fn, outputs, batch, recipe.loss.chunk_size)
-            bad = nonfinite_terms(losses)
-            if bad:
-                in_a_row += 1
-                if tr.on_nonfinite == "stop" or in_a_row >= tr.nonfinite_limit:
-                    streak = f" ({in_a_row} steps in a row)" if tr.on_nonfinite == "skip" else ""
-                    raise KpnetError(recipe.source or None, f"loss term {bad[0]} became {losses[bad[0]].item()} at "
-                                                            f"iteration {it + 1}{streak}; {_kept(ckpt_path, saved, start)}; "
-                                                            "lower train.lr or set train.grad_clip")
-                counts["nonfinite_skipped"] += 1
-            else:
-                in_a_row = 0
+            total = losses["loss"] if split.accumulate == 1 else losses["loss"] / split.accumulate
+            scaler.scale(total).backward()
+        return losses
+
+    try:
+        with contextlib.ExitStack() as stack:
+            log = None
+            for group in _iterations(loader, split.accumulate):
                 optimizer.zero_grad(set_to_none=True)
-                scaler.scale(losses["loss"]).backward()
-                if tr.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
-                scale = scaler.get_scale() if scaler.is_enabled() else 0.0
-                scaler.step(optimizer)
-                scaler.update()
-                counts["amp_skipped"] += scaler.is_enabled() and scaler.get_scale() < scale  # an overflow skipped the step
-                last = {k: float(v.detach()) for k, v in losses.items()}
-            scheduler.step()
-            it += 1
-            if log is None:  # nothing is written before a step completes; then the rows past `start` go
-                atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
-                log = stack.enter_context(open(metrics_path, "a", encoding="utf-8"))
-            elapsed = time.perf_counter() - tic
-            rate = (it - start) / elapsed if elapsed > 0 else 0.0
-            if not bad and (it % tr.log_every == 0 or it == end):
-                extra = {k: v for k, v in counts.items() if v}
-                log.write(json.dumps({"iteration": it, "lr": scheduler.get_last_lr()[0], **last, **extra}) + "\n")
-                log.flush()
-            progress.step(it, last, rate)
-            if it % tr.checkpoint_every == 0 or it == end:
-                checkpoint()
-            if received and it < end:
-                if saved != it:
+                sums: Tensor | None = None
+                for micro, batch in enumerate(group):
+                    losses = micro_step(batch, micro == split.accumulate - 1)
+                    values = torch.stack([v.detach().float() for v in losses.values()])
+                    sums = values if sums is None else sums + values
+                assert sums is not None
+                signalled = False
+                if world.distributed:  # the mean loss terms of the global batch, and whether any rank was signalled
+                    agreed = distributed.all_reduce_sum(torch.cat([sums, sums.new_tensor([float(bool(received))])]),
+                                                        world, f"iteration {it + 1}")
+                    sums, signalled = agreed[:-1], bool(agreed[-1] > 0)
+                means = dict(zip(losses, sums / (split.ranks * split.accumulate), strict=True))
+                bad = nonfinite_terms(means)
+                if bad:
+                    in_a_row += 1
+                    if tr.on_nonfinite == "stop" or in_a_row >= tr.nonfinite_limit:
+                        streak = f" ({in_a_row} steps in a row)" if tr.on_nonfinite == "skip" else ""
+                        raise KpnetError(recipe.source or None, f"loss term {bad[0]} became {means[bad[0]].item()} at "
+                                                                f"iteration {it + 1}{streak}; {_kept(ckpt_path, saved, start)}; "
+                                                                "lower train.lr or set train.grad_clip")
+                    counts["nonfinite_skipped"] += 1
+                else:
+                    in_a_row = 0
+                    if tr.grad_clip > 0:
+                        scaler.unscale_(optimizer)
+                        nn.utils.clip_grad_norm_(model.parameters(), tr.grad_clip)
+                    scale = scaler.get_scale() if scaler.is_enabled() else 0.0
+                    scaler.step(optimizer)
+                    scaler.update()
+                    counts["amp_skipped"] += scaler.is_enabled() and scaler.get_scale() < scale  # an overflow skipped the step
+                    last = {k: float(v) for k, v in means.items()}
+                scheduler.step()
+                it += 1
+                if not world.is_main:
+                    if signalled and it < end:
+                        raise Stopped(received[0] if received else signal.SIGTERM, it, ckpt_path)
+                    continue
+                if log is None:  # nothing is written before a step completes; then the rows past `start` go
+                    atomic_write_text(metrics_path, "".join(json.dumps(h) + "\n" for h in history))
+                    log = stack.enter_context(open(metrics_path, "a", encoding="utf-8"))
+                elapsed = time.perf_counter() - tic
+                rate = (it - start) / elapsed if elapsed > 0 else 0.0
+                if not bad and (it % tr.log_every == 0 or it == end):
+                    extra = {k: v for k, v in counts.items() if v}
+                    log.write(json.dumps({"iteration": it, "lr": scheduler.get_last_lr()[0], **last, **extra}) + "\n")
+                    log.flush()
+                progress.step(it, last, rate)
+                if it % tr.checkpoint_every == 0 or it == end:
                     checkpoint()
-                raise Stopped(received[0], it, ckpt_path)
+                if (signalled if world.distributed else received) and it < end:
+                    if saved != it:
+                        checkpoint()
+                    raise Stopped(received[0] if received else signal.SIGTERM, it, ckpt_path)
+    except distributed.PeerLost as e:
+        if not world.is_main:
+            raise
+        if saved != it:  # the weights after the last completed step are every rank's: keep them
+            checkpoint()
+        raise distributed.PeerLost(None, f"{e.message}; stopped at iteration {it}: {ckpt_path} holds iteration "
+                                         f"{saved}") from None
+    if not world.is_main:
+        return {"rank": world.rank, "iterations": it, "start_iteration": start, "final_losses": last,
+                "batch_split": split.to_dict()}
     if it == start and not ckpt_path.exists():
         checkpoint()
     plot = plot_losses(metrics_path, out_dir / "loss.png")
@@ -299,7 +377,19 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         **counts,
         "train_images": len(index.image_ids),
         "dropped_boxes": index.dropped_boxes,
+        "batch_split": split.to_dict(),
     }
+
+
+def _iterations(loader: Iterable[dict[str, Tensor]], accumulate: int) -> Iterator[list[dict[str, Tensor]]]:
+    """The loader's micro-batches grouped `accumulate` to an iteration.
+
+    The loader's iterator lives in this generator's frame, so it (and its DataLoader workers, which ignore
+    SIGTERM) is shut down as soon as the training loop is left, not at interpreter exit.
+    """
+    micro = iter(loader)
+    while group := list(itertools.islice(micro, accumulate)):
+        yield group
 
 
 def _kept(ckpt_path: Path, saved: int, start: int) -> str:
