@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -180,17 +181,22 @@ def rank_pid(parent: int, rank: int) -> int | None:
     return None
 
 
+def wait_until(proc: subprocess.Popen, ready: Callable[[], bool], seconds: float = 300) -> None:
+    """Poll until `ready()` while the launch is alive, for at most `seconds`."""
+    deadline = time.time() + seconds
+    while not ready():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline
+        time.sleep(0.01)
+
+
 @pytest.mark.slow
 def test_killed_rank_ends_the_run_and_resume_follows_the_trajectory(shapes_small: Path, two_ranks: Path,
                                                                    tmp_path: Path) -> None:
     out = tmp_path / "run"
     args = train_args(shapes_small, out, "train.checkpoint_every=5")
     proc = launch(args)
-    deadline = time.time() + 300
-    while not (out / "last.pt").exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_until(proc, lambda: (out / "last.pt").exists())
     victim = rank_pid(proc.pid, 1)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
@@ -219,11 +225,7 @@ def test_sigterm_stops_every_rank_and_one_process_resumes_exactly(shapes_small: 
     out = tmp_path / "run"
     args = train_args(shapes_small, out, "train.checkpoint_every=1000")
     proc = launch(args)
-    deadline = time.time() + 300
-    while not (out / "metrics.jsonl").exists() or len(read_metrics(out)) < 4:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline
-        time.sleep(0.01)
+    wait_until(proc, lambda: (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 4)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 143, stderr
