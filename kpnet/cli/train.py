@@ -9,12 +9,14 @@ from typing import Annotated, Any
 
 import typer
 
-from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run, stopped
+from kpnet.cli.common import (DataOpt, DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, load_recipe_for_data,
+                               run, stopped)
 
 
 def train_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")],
     overrides: SetOpt = None,
+    data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/last.pt where it stopped.")] = False,
     force: Annotated[bool, typer.Option(
@@ -33,14 +35,13 @@ def train_command(
     def body(o: Output) -> dict[str, Any]:
         from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        from kpnet.config import load_recipe
         from kpnet.engine import train as engine
 
         check_device(device)
         sets = list(overrides or [])
         if seed is not None:
             sets.append(f"train.seed={seed}")
-        r = load_recipe(recipe, sets)
+        r = load_recipe_for_data(recipe, sets, data)
         run_dir = out or Path("runs") / r.name
         bar = Progress(
             TextColumn("[bold]train[/bold] {task.fields[name]}"),
