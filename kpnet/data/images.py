@@ -1,8 +1,8 @@
 """Reading images as users have them: the one decoder of training, eval, predict, viz and the library.
 
 Every image becomes 8-bit BGR (OpenCV's `IMREAD_COLOR`): grayscale is replicated to three channels, an
-alpha channel is dropped (transparent pixels keep the colour stored under them), 16-bit samples map to
-8 bits as v / 257 (the high byte), CMYK JPEGs (Adobe's inverted ones included) are converted to BGR, and
+alpha channel is dropped (transparent pixels keep the colour stored under them), 16-bit samples keep
+their high byte (v >> 8), CMYK JPEGs (Adobe's inverted ones included) are converted to BGR, and
 the EXIF orientation is applied, so pixels, `width`/`height` and boxes refer to the image as viewers show
 it (the convention of Roboflow, CVAT's browser view, OpenCV and Detectron2). `oriented_size` reports that
 size from the file's header, which is what `kpnet prepare-data coco` checks a COCO file against.
