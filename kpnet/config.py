@@ -176,7 +176,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def test_input_size(test: TestConfig, recipe: Recipe) -> int | None:
+def resolved_input_size(test: TestConfig, recipe: Recipe) -> int | None:
     """`test.input_size` resolved against the recipe's training: the longer side test images are resized to, or None."""
     if test.input_size != "auto":
         return test.input_size

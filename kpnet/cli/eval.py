@@ -128,7 +128,7 @@ def _predict(
 
     from kpnet.api import load_checkpoint
     from kpnet.data.dataset import load_split
-    from kpnet.config import test_input_size
+    from kpnet.config import resolved_input_size
     from kpnet.engine.inference import predict_dataset, warn_scale
     from kpnet.io import atomic_write_json
 
@@ -158,7 +158,7 @@ def _predict(
     info = {
         "recipe": str(recipe_path), "onnx" if is_onnx else "checkpoint": str(checkpoint), "split": split, "images": len(index.image_ids),
         "detections": len(results), "results_file": str(results_path), "flip": test.flip, "scales": list(test.scales),
-        "input_size": test_input_size(r.test, r),
+        "input_size": resolved_input_size(r.test, r),
     }
     return index.coco, results, results_path, info
 

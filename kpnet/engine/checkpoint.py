@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kpnet import __version__
-from kpnet.config import Recipe, recipe_from_dict, test_input_size, with_num_classes
+from kpnet.config import Recipe, recipe_from_dict, resolved_input_size, with_num_classes
 from kpnet.errors import KpnetError
 from kpnet.io import atomic_torch_save
 
@@ -97,7 +97,7 @@ def recipe_for_weights(recipe: Recipe, stored: Recipe) -> Recipe:
     `test.input_size: auto` resolves against that training."""
     recipe = dataclasses.replace(recipe, train=stored.train, augment=stored.augment)
     recipe = with_num_classes(recipe, stored.model.num_classes)
-    return dataclasses.replace(recipe, test=dataclasses.replace(recipe.test, input_size=test_input_size(recipe.test, recipe)))
+    return dataclasses.replace(recipe, test=dataclasses.replace(recipe.test, input_size=resolved_input_size(recipe.test, recipe)))
 
 
 def checkpoint_classes(doc: dict[str, Any]) -> tuple[list[str] | None, list[int] | None]:

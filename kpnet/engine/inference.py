@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from kpnet.config import Recipe, TestConfig, test_input_size
+from kpnet.config import Recipe, TestConfig, resolved_input_size
 from kpnet.data.dataset import CocoIndex, ImageFiles, TestImages
 from kpnet.data.transforms import test_input
 from kpnet.detectors.base import Detections, Detector, ScaleOutput
@@ -39,13 +39,13 @@ def detect_image(detector: Detector, image: np.ndarray, full_hw: tuple[int, int]
 def input_scale(detector: Detector, test: TestConfig, image_hw: tuple[int, int]) -> float:
     """The factor that brings an image's longer side to `test.input_size` (1 at the original resolution); each of
     `test.scales` multiplies it."""
-    size = test_input_size(test, detector.recipe)
+    size = resolved_input_size(test, detector.recipe)
     return size / max(image_hw) if size else 1.0
 
 
 def decode_side(detector: Detector, test: TestConfig) -> int | None:
     """The longer side test images need to be decoded at (the largest test scale), or None: the full image."""
-    size = test_input_size(test, detector.recipe)
+    size = resolved_input_size(test, detector.recipe)
     return math.ceil(size * max(test.scales)) if size else None
 
 
@@ -189,7 +189,7 @@ def scale_warning(recipe: Recipe, test: TestConfig, image_hw: list[tuple[int, in
     else:
         low, high = longer / max(scales), longer / min(scales)
         trained = f"original-resolution crops with augment.scales {min(scales)}-{max(scales)}"
-    size = test_input_size(test, recipe)
+    size = resolved_input_size(test, recipe)
     middle = float(np.median(test.scales))
     tested = (size or longer) * middle
     if low * (1 - 1e-6) <= tested <= high * (1 + 1e-6):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kpnet.config import Recipe, test_input_size, with_num_classes
+from kpnet.config import Recipe, resolved_input_size, with_num_classes
 from kpnet.data.transforms import test_input
 from kpnet.detectors.base import Detections, Detector, ScaleOutput
 from kpnet.engine.inference import input_scale, postprocess_image, scale_output
@@ -58,7 +58,7 @@ class OnnxModel:
             wanted["test.flip"] = (s["flip_in_graph"], t.flip)
             wanted.update({f"test.{k}": (v, getattr(t, k)) for k, v in s["decode"].items()})
         if "input_size" in s["input"]:  # sidecars before issue 18 ran every image at its original resolution
-            wanted["test.input_size"] = (s["input"]["input_size"], test_input_size(t, recipe))
+            wanted["test.input_size"] = (s["input"]["input_size"], resolved_input_size(t, recipe))
         for key, (exported, given) in wanted.items():
             if exported != given:
                 raise KpnetError("--onnx", f"{self.path.name} was exported with {key}={exported!r}, the recipe has "
