@@ -73,7 +73,7 @@ def predict_command(
         from rich.progress import Progress
 
         from kpnet.api import load_checkpoint
-        from kpnet.config import load_recipe, with_overrides
+        from kpnet.config import load_recipe, resolved_input_size, with_overrides
         from kpnet.data.images import header_sizes
         from kpnet.engine.checkpoint import checkpoint_recipe, read_checkpoint
         from kpnet.engine.inference import predict_files, to_coco_results, warn_scale
@@ -123,7 +123,7 @@ def predict_command(
         if drawn:
             o.print(f"drawings: {viz}/ ({len(drawn)} PNGs)", markup=False, soft_wrap=True)
         return {"checkpoint": str(ckpt), "out": str(out), **counts, "score_thresh": score_thresh,
-                "input_size": detector.test.input_size, "files": drawn}
+                "input_size": resolved_input_size(detector.test, detector.recipe), "files": drawn}
 
     run(json_out, debug, body)
 

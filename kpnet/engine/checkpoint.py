@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from kpnet import __version__
-from kpnet.config import Recipe, recipe_from_dict, resolved_input_size, with_num_classes
+from kpnet.config import Recipe, recipe_from_dict, with_num_classes
 from kpnet.errors import KpnetError
 from kpnet.io import atomic_torch_save
 
@@ -93,11 +93,10 @@ def checkpoint_recipe(doc: dict[str, Any], path: str | Path) -> Recipe:
 
 def recipe_for_weights(recipe: Recipe, stored: Recipe) -> Recipe:
     """`recipe` as the checkpoint's weights need it: its `train` and `augment` sections are the ones the weights were
-    trained with (they fix the scale the model knows), `model.num_classes: auto` becomes the trained count, and
-    `test.input_size: auto` resolves against that training."""
+    trained with (they fix the scale the model knows, which `test.input_size: auto` follows), and
+    `model.num_classes: auto` becomes the trained count."""
     recipe = dataclasses.replace(recipe, train=stored.train, augment=stored.augment)
-    recipe = with_num_classes(recipe, stored.model.num_classes)
-    return dataclasses.replace(recipe, test=dataclasses.replace(recipe.test, input_size=resolved_input_size(recipe.test, recipe)))
+    return with_num_classes(recipe, stored.model.num_classes)
 
 
 def checkpoint_classes(doc: dict[str, Any]) -> tuple[list[str] | None, list[int] | None]:
