@@ -208,6 +208,7 @@ def test_a_10000_pixel_photograph_runs_in_the_memory_of_its_test_size(tmp_path: 
     assert "(10000, 10000)" in proc.stdout and "(1250, 1250, 3)" in proc.stdout, proc.stdout
     # full resolution would need 300 MB for the pixels alone (and as much again as floats); 1/8 needs 4.7 MB
     assert int(grown_kib) < 60 * 1024, proc.stdout
+    assert "DecompressionBomb" not in proc.stderr  # a large photograph is not an attack
 
 
 def test_checkpoint_fixture_for_tiny_models(tmp_path: Path) -> None:

@@ -36,8 +36,10 @@ def oriented_size(path: Path, decode: bool = False) -> tuple[int, int]:
     from PIL import Image
 
     try:
-        with warnings.catch_warnings(), Image.open(path) as im:
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # large photographs are what users have
+            im = Image.open(path)
+        with im:
             width, height = im.size
             if decode:
                 im.draft("RGB", (max(width // 8, 1), max(height // 8, 1)))
