@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from kpnet.config import Recipe, load_recipe
-from kpnet.data.dataset import read_image
+from kpnet.data.images import read_image
 from kpnet.detectors.base import Detections, Detector
-from kpnet.engine.checkpoint import checkpoint_recipe, load_weights, read_checkpoint
+from kpnet.engine.checkpoint import checkpoint_classes, checkpoint_recipe, load_weights, read_checkpoint, recipe_for_weights
 from kpnet.engine.inference import detect_image
 from kpnet.models import build_detector, build_model
 
@@ -18,12 +18,13 @@ __all__ = ["Detections", "Detector", "build_detector", "build_model", "detect", 
 
 
 def load_checkpoint(path: str | Path, recipe: Recipe | None = None, device: str = "cpu") -> Detector:
-    """The detector stored in a checkpoint (built from its own recipe, or the given one), weights loaded, in eval mode."""
+    """The detector stored in a checkpoint (built from its own recipe, or the given one with the checkpoint's training
+    and its `auto` values resolved: `engine.checkpoint.recipe_for_weights`), weights loaded, in eval mode."""
     doc = read_checkpoint(path)
-    detector = build_detector(recipe or checkpoint_recipe(doc, path))
+    stored = checkpoint_recipe(doc, path)
+    detector = build_detector(recipe_for_weights(recipe or stored, stored))
     load_weights(detector.network, doc, path)
-    detector.class_names = doc.get("class_names")
-    detector.cat_ids = doc.get("cat_ids")
+    detector.class_names, detector.cat_ids = checkpoint_classes(doc)
     return detector.to(device).eval()
 
 

@@ -42,6 +42,8 @@ class DataConfig:
     train_images: str = "train"
     val_ann: str = "annotations/instances_val.json"
     val_images: str = "val"
+    test_ann: str = "annotations/instances_test.json"  # `--split test`
+    test_images: str = "test"
     num_workers: int = 2
 
 
@@ -50,7 +52,7 @@ class ModelConfig:
     """The network: a backbone and the family's heads."""
 
     backbone: Backbone = "resnet18"
-    num_classes: int = 80
+    num_classes: int | Literal["auto"] = "auto"  # "auto": the training annotations' category count
     width: int = 64  # ResNet stem width; 64 is the paper's ResNet-18/101
     up_channels: tuple[int, ...] = (256, 128, 64)  # the three up-convolution stages (objects as points §4)
     deformable: bool = True  # 3x3 deformable conv before each up-convolution (objects as points §5)
@@ -112,6 +114,10 @@ class TrainConfig:
     lr: float = 5e-4
     epochs: int = 140
     lr_steps: tuple[int, ...] = (90, 120)
+    # The schedule as a total number of iterations, whatever the data set's size (0: `epochs` of the training
+    # set), with lr/10 at these fractions of it (`lr_steps` counts epochs and applies only to an epoch schedule).
+    iterations: int = 0
+    lr_step_fractions: tuple[float, ...] = ()
     warmup_iters: int = 0
     grad_clip: float = 0.0  # max grad norm; 0 disables
     amp: bool = True  # mixed precision: float16 on CUDA, bfloat16 on CPUs with native bf16 (AVX512-BF16/AMX)
@@ -130,6 +136,10 @@ class TestConfig:
 
     k: int = 100
     flip: bool = False
+    # Test images are resized so their longer side is this (then × each of `scales`) before padding; null keeps
+    # the original resolution (the papers' test); "auto": train.input_size where training crops whole images
+    # (augment.crop centernet: the crop side is max(h, w)·s), null for the original-resolution crops (cornernet).
+    input_size: int | Literal["auto"] | None = "auto"
     scales: tuple[float, ...] = (1.0,)
     pad: int = 31  # inputs padded to (h | pad) + pad_add: 31 for ResNet/DLA, 127 for hourglass
     pad_add: int = 1  # 1: a multiple of pad + 1 (XZ); 0: (h | 127) = 128k − 1 (CornerNet / triplets, REFERENCE §4.6)
@@ -171,6 +181,20 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def resolved_input_size(test: TestConfig, recipe: Recipe) -> int | None:
+    """`test.input_size` resolved against the recipe's training: the longer side test images are resized to, or None."""
+    if test.input_size != "auto":
+        return test.input_size
+    return recipe.train.input_size if recipe.augment.crop == "centernet" else None
+
+
+def with_num_classes(recipe: Recipe, count: int) -> Recipe:
+    """The recipe with `model.num_classes: auto` replaced by `count` (the training annotations' categories)."""
+    if recipe.model.num_classes != "auto":
+        return recipe
+    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, num_classes=count))
+
+
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MASK_FAMILIES = ("centripetalnet",)  # families whose network has the instance-mask head (CentripetalNet §3.3)
 
@@ -185,6 +209,14 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
             _set_dotted(raw, key, value, source="--set")
     raw.setdefault("source", str(path))
     return recipe_from_dict(raw, source=str(path))
+
+
+def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A recipe (e.g. a checkpoint's) with `key=value` overrides applied and checked as `load_recipe` does."""
+    raw = recipe.to_dict()
+    for key, value in (_split_override(o) for o in overrides):
+        _set_dotted(raw, key, value, source="--set")
+    return recipe_from_dict(raw, source=recipe.source or "--set")
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:

@@ -23,3 +23,14 @@ class CheckFailed(KpnetError):
     """A check the user asked for (e.g. `--min-ap`) did not pass: exit code 1."""
 
     exit_code = 1
+
+
+class KpnetWarning(UserWarning):
+    """Something kpnet repaired or suspects but carries on with (a Python warning; the CLI prints `warning: <line>`)."""
+
+
+def warn(source: str | Path | None, message: str) -> None:
+    """Emit a KpnetWarning as one line naming the file (or option) and what was done."""
+    import warnings
+
+    warnings.warn(f"{source}: {message}" if source else message, KpnetWarning, stacklevel=3)

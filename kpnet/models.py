@@ -10,6 +10,7 @@ from kpnet.detectors.centernet_points import CenterNetPointsDetector
 from kpnet.detectors.centernet_triplet import CenterNetTripletDetector
 from kpnet.detectors.centripetalnet import CentripetalNetDetector
 from kpnet.detectors.cornernet import CornerNetDetector
+from kpnet.errors import KpnetError
 
 FAMILIES: dict[str, type[Detector]] = {
     "centernet_points": CenterNetPointsDetector,
@@ -21,6 +22,9 @@ FAMILIES: dict[str, type[Detector]] = {
 
 def build_detector(recipe: Recipe) -> Detector:
     """The detector a recipe describes (an untrained network, its settings and decode)."""
+    if recipe.model.num_classes == "auto":
+        raise KpnetError(recipe.source or "model.num_classes", "model.num_classes is auto: the count comes from the "
+                         "training annotations (kpnet train) or a checkpoint; set a number to build a model without them")
     return FAMILIES[recipe.family](recipe)
 
 

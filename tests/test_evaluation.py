@@ -14,7 +14,7 @@ import pytest
 from conftest import shared_data_dir
 from kpnet import evaluation
 from kpnet.data.validate import load_gt
-from kpnet.errors import KpnetError
+from kpnet.errors import KpnetError, KpnetWarning
 
 DATA = shared_data_dir()
 VAL = DATA / "val2014_100"
@@ -162,11 +162,13 @@ def test_load_gt_fills_the_iscrowd_default(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_load_gt_rejects_id_zero():
-    """bccd (a Roboflow export) starts its annotation ids at 0, which COCOeval can never match."""
+def test_load_gt_renumbers_id_zero():
+    """bccd (a Roboflow export) starts its annotation ids at 0, which COCOeval can never match: load_gt gives that
+    annotation a new id in memory, with a warning naming the file (issue 18)."""
     path = DATA / "bccd" / "train" / "_annotations.coco.json"
-    line = _error(load_gt, path)
-    assert line.startswith(str(path)) and "annotation id 0" in line and "--fix" in line
+    with pytest.warns(KpnetWarning, match=f"^{path}: annotation id 0 .* renumbered to 4947 in memory"):
+        gt = load_gt(path)
+    assert 0 not in gt.anns and 4947 in gt.anns and 0 in gt.imgs
 
 
 @pytest.mark.shared_data

@@ -17,7 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def all_gt_ap(root: Path, ann: str, images: str, num_classes: int) -> dict[str, float]:
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.root={root}", f"model.num_classes={num_classes}"])
+    # at the original resolution, as the paper's oracle (quickstart's test.input_size would resize to 128)
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [f"data.root={root}", f"model.num_classes={num_classes}",
+                                                                "test.input_size=null"])
     index = load_index(root / ann, root / images)
     detector = CenterNetPointsDetector(recipe, nn.Identity())  # every head replaced: the network never runs
     results = predict_with_replacement(detector, index, set(detector.heads))

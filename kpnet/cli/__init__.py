@@ -34,7 +34,7 @@ def _main(
 
 SUBCOMMAND_MODULES: tuple[str, ...] = (
     "prepare_data", "train", "eval", "fd_analysis", "error_analysis", "collision_stats", "visualize", "info",
-    "export",
+    "export", "predict",
 )
 
 

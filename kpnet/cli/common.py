@@ -17,14 +17,16 @@ import signal
 import sys
 import threading
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from kpnet.errors import KpnetError
+from kpnet.errors import KpnetError, KpnetWarning
 
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout; human output goes to stderr.")
@@ -34,9 +36,22 @@ SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=8 (repeatable).")
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+DataOpt = Annotated[Path | None, typer.Option(
+    "--data", help="Data folder: a Roboflow/CVAT-style export (train/, valid/ or val/, test/, each with its "
+                   "_annotations.coco.json beside the images), or a folder laid out as the recipe's data.* keys.")]
+SplitOpt = Annotated[str, typer.Option("--split", help="train, val or test.")]
 DEVICES = ("cpu", "cuda")
 
 EXIT_OK, EXIT_CHECK, EXIT_INPUT, EXIT_INTERNAL = 0, 1, 2, 3
+
+
+def load_recipe_for_data(path: Path, overrides: list[str] | None, data: Path | None) -> Any:
+    """The recipe at `path` pointed at `--data DIR` (found by `data.dataset.data_overrides`), then `--set` applied."""
+    from kpnet.config import load_recipe
+    from kpnet.data.dataset import data_overrides
+
+    found = data_overrides(data) if data is not None else {}
+    return load_recipe(path, [f"{k}={json.dumps(v)}" for k, v in found.items()] + list(overrides or []))
 
 
 def check_device(device: str) -> str:
@@ -93,12 +108,26 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def run(json_out: bool, debug: bool, body: Callable[[Output], dict[str, Any] | None]) -> None:
-    """Run a command body, emit its result and exit with the documented code."""
+    """Run a command body, emit its result and exit with the documented code; each KpnetWarning it raises is one
+    stderr line `warning: ...` (and, under --json, an entry of the document's `warnings`)."""
     out = Output(json=json_out, debug=debug)
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminate) if main else None
+    seen: list[str] = []
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, KpnetWarning):
+            seen.append(str(message))
+            out.err.print(f"warning: {message}", markup=False, soft_wrap=True)
+        else:
+            original(message, category, *args, **kwargs)
+
+    original = warnings.showwarning
     try:
-        result = body(out)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always", KpnetWarning)
+            warnings.showwarning = show
+            result = body(out)
     except KpnetError as e:
         _fail(out, e.line(), e.exit_code, debug)
     except KeyboardInterrupt:
@@ -115,6 +144,8 @@ def run(json_out: bool, debug: bool, body: Callable[[Output], dict[str, Any] | N
             signal.signal(signal.SIGTERM, previous)
     if json_out:
         doc = dict(result or {})
+        if seen:
+            doc["warnings"] = seen
         doc["checks_failed"] = out.failed_checks
         sys.stdout.write(dumps(doc) + "\n")
         sys.stdout.flush()

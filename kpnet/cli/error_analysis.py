@@ -11,7 +11,8 @@ import typer
 from rich import box
 from rich.table import Table
 
-from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
+from kpnet.cli.common import (DataOpt, DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, SplitOpt, check_device,
+                               load_recipe_for_data, run)
 from kpnet.errors import KpnetError
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -70,7 +71,8 @@ def error_analysis_command(
     replace: Annotated[list[str] | None, typer.Option(
         "--replace", help="Heads to replace in one row, e.g. hm,wh (repeatable; default: the paper's rows).")] = None,
     overrides: SetOpt = None,
-    split: Annotated[str, typer.Option("--split", help="train or val.")] = "val",
+    data: DataOpt = None,
+    split: SplitOpt = "val",
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -83,13 +85,15 @@ def error_analysis_command(
         from kpnet import evaluation
         from kpnet.analysis.error_analysis import predict_with_replacement
         from kpnet.api import load_checkpoint
-        from kpnet.config import load_recipe
         from kpnet.data.dataset import load_split
+        from kpnet.engine.inference import warn_scale
 
         check_device(device)
-        r = load_recipe(recipe, list(overrides or []))
-        index = load_split(r, split)
+        r = load_recipe_for_data(recipe, overrides, data)
         detector = load_checkpoint(checkpoint, recipe=r, device=device)
+        r = detector.recipe
+        index = load_split(r, split)
+        warn_scale(detector, [(im["height"], im["width"]) for im in index.coco.dataset["images"]])
         heads, paper_rows = detector.heads, detector.error_rows
         rows = [()] + (parse_groups(replace, heads, r.family) if replace else [g for g, _ in paper_rows])
         doc: dict[str, Any] = {"recipe": str(recipe), "checkpoint": str(checkpoint), "split": split,

@@ -8,7 +8,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run
+from kpnet.cli.common import (DataOpt, DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, SplitOpt, check_device,
+                               load_recipe_for_data, run)
 
 
 def _scales(text: str | None) -> list[float] | None:
@@ -47,7 +48,8 @@ def eval_command(
     onnx: Annotated[Path | None, typer.Option(
         "--onnx", help="Evaluate an exported model (kpnet export) in onnxruntime instead of a checkpoint.")] = None,
     overrides: SetOpt = None,
-    split: Annotated[str, typer.Option("--split", help="train or val.")] = "val",
+    data: DataOpt = None,
+    split: SplitOpt = "val",
     flip: Annotated[bool | None, typer.Option("--flip/--no-flip", help="Flip test (default: the recipe's).")] = None,
     scales: Annotated[str | None, typer.Option("--scales", help="Test scales, e.g. 0.5,0.75,1,1.25,1.5.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Write COCO results JSON here (metrics next to it).")] = None,
@@ -83,8 +85,8 @@ def eval_command(
         if gt is not None or dets is not None:
             if gt is None or dets is None:
                 raise KpnetError("--gt/--dets", "give both --gt ANN and --dets RESULTS to score a results file")
-            if recipe is not None or checkpoint is not None or onnx is not None:
-                raise KpnetError("--gt/--dets", "scores an existing results file: drop RECIPE, --checkpoint and --onnx")
+            if recipe is not None or checkpoint is not None or onnx is not None or data is not None:
+                raise KpnetError("--gt/--dets", "scores an existing results file: drop RECIPE, --checkpoint, --onnx and --data")
             coco_gt = load_gt(gt)
             coco_dt = evaluation.load_dets(dets, coco_gt)
             doc.update({"gt": str(gt), "dets": str(dets)})
@@ -93,8 +95,8 @@ def eval_command(
             if recipe is None or (checkpoint is None) == (onnx is None):
                 raise KpnetError("eval", "give RECIPE and --checkpoint CKPT (or --onnx MODEL), or --gt ANN --dets RESULTS")
             check_device(device)
-            coco_gt, results, results_path, info = _predict(o, recipe, checkpoint or onnx, overrides, split, flip, scales,
-                                                            out, device, onnx is not None)
+            coco_gt, results, results_path, info = _predict(o, recipe, checkpoint or onnx, overrides, data, split, flip,
+                                                            scales, out, device, onnx is not None)
             coco_dt = evaluation.load_dets(results, coco_gt, source="predictions")
             doc.update(info)
         types = ["bbox", "segm"] if iou_type == "auto" and evaluation.has_masks(coco_dt) else \
@@ -123,7 +125,7 @@ def eval_command(
 
 
 def _predict(
-    o: Output, recipe_path: Path, checkpoint: Path, overrides: list[str] | None, split: str,
+    o: Output, recipe_path: Path, checkpoint: Path, overrides: list[str] | None, data: Path | None, split: str,
     flip: bool | None, scales: str | None, out: Path | None, device: str, is_onnx: bool,
 ) -> tuple[Any, list[dict[str, Any]], Path, dict[str, Any]]:
     import dataclasses
@@ -133,20 +135,19 @@ def _predict(
     from rich.progress import Progress
 
     from kpnet.api import load_checkpoint
-    from kpnet.config import load_recipe
+    from kpnet.config import resolved_input_size
     from kpnet.data.dataset import load_split
     from kpnet.engine import distributed
-    from kpnet.engine.inference import predict_dataset
+    from kpnet.engine.inference import predict_dataset, warn_scale
     from kpnet.io import atomic_write_json
 
-    r = load_recipe(recipe_path, list(overrides or []))
+    r = load_recipe_for_data(recipe_path, overrides, data)
     test = r.test
     if flip is not None:
         test = dataclasses.replace(test, flip=flip)
     if (values := _scales(scales)) is not None:
         test = dataclasses.replace(test, scales=tuple(values))
     r = dataclasses.replace(r, test=test)
-    index = load_split(r, split)
     detect = None
     with distributed.process_group("cpu" if is_onnx else device) as world:
         if is_onnx:
@@ -156,6 +157,10 @@ def _predict(
             detect = functools.partial(model.detect, detector)
         else:
             detector = load_checkpoint(checkpoint, recipe=r, device=device)
+        r = detector.recipe
+        index = load_split(r, split)
+        if world.is_main:
+            warn_scale(detector, [(im["height"], im["width"]) for im in index.coco.dataset["images"]])
         positions = distributed.shard(len(index.image_ids), world)
         with Progress(console=o.err, transient=True, disable=not world.is_main) as bar:
             task = bar.add_task(f"eval {split}", total=len(positions))
@@ -170,6 +175,7 @@ def _predict(
     info = {
         "recipe": str(recipe_path), "onnx" if is_onnx else "checkpoint": str(checkpoint), "split": split, "images": len(index.image_ids),
         "detections": len(results), "results_file": str(results_path), "flip": test.flip, "scales": list(test.scales),
+        "input_size": resolved_input_size(r.test, r),
     }
     return index.coco, results, results_path, info
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from kpnet.cli.common import DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, run, stopped
+from kpnet.cli.common import (DataOpt, DebugOpt, DeviceOpt, JsonOpt, Output, SetOpt, check_device, load_recipe_for_data,
+                               run, stopped)
 
 if TYPE_CHECKING:
     from kpnet.config import Recipe
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
 def train_command(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/quickstart.yaml.")],
     overrides: SetOpt = None,
+    data: DataOpt = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from <out>/last.pt where it stopped.")] = False,
     force: Annotated[bool, typer.Option(
@@ -42,7 +44,7 @@ def train_command(
 
     world = world_from_env()
     if nproc_per_node is not None:
-        run(json_out, debug, lambda o: _launch(nproc_per_node, recipe, overrides, seed, device))
+        run(json_out, debug, lambda o: _launch(nproc_per_node, recipe, overrides, seed, data, device))
         return
 
     def body(o: Output) -> dict[str, Any]:
@@ -52,7 +54,7 @@ def train_command(
         from kpnet.engine import train as engine
 
         check_device(device)
-        r = _recipe(recipe, overrides, seed)
+        r = _recipe(recipe, overrides, seed, data)
         run_dir = out or Path("runs") / r.name
         split = distributed.plan(r.train, world.size, device, r.source or None)
         if not world.is_main:
@@ -117,13 +119,11 @@ def train_command(
     run(json_out and world.is_main, debug, body)
 
 
-def _recipe(recipe: Path, overrides: list[str] | None, seed: int | None) -> Recipe:
-    from kpnet.config import load_recipe
-
+def _recipe(recipe: Path, overrides: list[str] | None, seed: int | None, data: Path | None) -> Recipe:
     sets = list(overrides or [])
     if seed is not None:
         sets.append(f"train.seed={seed}")
-    return load_recipe(recipe, sets)
+    return load_recipe_for_data(recipe, sets, data)
 
 
 def _other_rank(r: Recipe, run_dir: Path, device: str, resume: bool, force: bool, world: World) -> dict[str, Any]:
@@ -147,7 +147,8 @@ def resume_command(argv: list[str]) -> str:
     return resume_hint(argv)
 
 
-def _launch(nproc: int, recipe: Path, overrides: list[str] | None, seed: int | None, device: str) -> None:
+def _launch(nproc: int, recipe: Path, overrides: list[str] | None, seed: int | None, data: Path | None,
+            device: str) -> None:
     """`--nproc-per-node N`: check the recipe and the batch split once here, then run N ranks through torchrun's
     launcher with the same arguments (without --nproc-per-node) and exit with their code."""
     from kpnet.engine import distributed
@@ -156,7 +157,7 @@ def _launch(nproc: int, recipe: Path, overrides: list[str] | None, seed: int | N
     if distributed.world_from_env().distributed:
         raise KpnetError("--nproc-per-node", "this process is already one rank of a torchrun run; drop --nproc-per-node")
     check_device(device)
-    r = _recipe(recipe, overrides, seed)
+    r = _recipe(recipe, overrides, seed, data)
     distributed.plan(r.train, nproc, device, r.source or None)
     argv = sys.argv[1:]
     worker_argv = _without_option(argv, "--nproc-per-node")

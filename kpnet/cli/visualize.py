@@ -123,7 +123,7 @@ def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thres
                ) -> dict[str, Any]:
     """Draw one input's PNGs (ground truth, detections, heat heads) and describe them for --json."""
     from kpnet import viz
-    from kpnet.data.dataset import read_image
+    from kpnet.data.images import read_image
     from kpnet.io import atomic_imwrite
 
     image = read_image(it.path)
@@ -240,6 +240,11 @@ def visualize_command(
                 o.err.print(f"note: {why}; classes are labelled by index", markup=False, soft_wrap=True)
             doc.update({"checkpoint": str(ckpt), "recipe": None if recipe is None else str(recipe), "class_names_from": source})
 
+        if detector is not None:
+            from kpnet.data.images import header_sizes
+            from kpnet.engine.inference import warn_scale
+
+            warn_scale(detector, header_sizes([it.path for it in items]))
         for it in items:
             entry = _draw_item(it, out, detector, names, score_thresh, heat_heads, regions, onnx_model, masks)
             counts = [_count(len(entry["detections"]), "detection", "s") if "detections" in entry else "",

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 
 from kpnet.config import Recipe
+from kpnet.data.images import read_image, read_reduced
 from kpnet.data.transforms import train_augment
 from kpnet.data.validate import coco_index, load_coco_checked
 from kpnet.errors import KpnetError
@@ -75,44 +75,65 @@ def load_index(ann_file: str | Path, image_root: str | Path) -> CocoIndex:
     return CocoIndex(ann_file, image_root, coco, image_ids, cat_ids, dropped)
 
 
-SPLITS = ("train", "val")
+SPLITS = ("train", "val", "test")
+# Roboflow / CVAT-style exports: one folder per split with its COCO file beside the images
+SPLIT_FOLDERS = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
+SPLIT_ANNOTATIONS = ("_annotations.coco.json", "annotations.json", "instances.json")
 
 
 def split_paths(recipe: Recipe, split: str) -> tuple[Path, Path]:
-    """Annotation file and image folder of a split ("train" or "val"), under `data.root`."""
+    """Annotation file and image folder of a split ("train", "val" or "test"), under `data.root`."""
     d = recipe.data
     root = Path(d.root)
     if split == "train":
         return root / d.train_ann, root / d.train_images
     if split == "val":
         return root / d.val_ann, root / d.val_images
+    if split == "test":
+        return root / d.test_ann, root / d.test_images
     raise KpnetError("--split", f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
 
 
+def _split_folder(root: Path, split: str) -> tuple[Path, Path] | None:
+    for name in SPLIT_FOLDERS[split]:
+        for ann in SPLIT_ANNOTATIONS:
+            if (root / name / ann).is_file():
+                return Path(name) / ann, Path(name)
+    return None
+
+
+def data_overrides(root: Path) -> dict[str, str]:
+    """The `data.*` keys that point a recipe at the data set in `root` (`--data DIR`): a Roboflow / CVAT-style
+    export (train/, valid/ or val/, test/, each with its `_annotations.coco.json` beside the images), or a folder
+    laid out as the recipe's `data.*` paths say."""
+    if not root.is_dir():
+        raise KpnetError(root, "no such data folder")
+    found = {split: _split_folder(root, split) for split in SPLITS}
+    if not any(found.values()):
+        return {"data.root": str(root)}
+    keys = {"data.root": str(root)}
+    for split, paths in found.items():
+        if paths is not None:
+            keys[f"data.{split}_ann"], keys[f"data.{split}_images"] = str(paths[0]), str(paths[1])
+    return keys
+
+
 def load_split(recipe: Recipe, split: str) -> CocoIndex:
-    """The recipe's validated `split`, whose category count must equal `model.num_classes`."""
+    """The recipe's validated `split`, whose category count must equal `model.num_classes` (unless it is auto)."""
     ann_file, image_root = split_paths(recipe, split)
+    if not ann_file.is_file() and split != "train" and Path(recipe.data.root).is_dir():
+        raise KpnetError(ann_file, f"no {split} split here (looked for {recipe.data.root}/"
+                                   f"{{{','.join(SPLIT_FOLDERS[split])}}}/_annotations.coco.json and the recipe's "
+                                   f"data.{split}_ann); choose another with --split")
     index = load_index(ann_file, image_root)
-    if len(index.cat_ids) != recipe.model.num_classes:
+    classes = recipe.model.num_classes
+    if classes != "auto" and len(index.cat_ids) != classes:
         raise KpnetError(
             ann_file,
-            f"has {len(index.cat_ids)} categories but the recipe sets model.num_classes={recipe.model.num_classes} "
-            f"(use --set model.num_classes={len(index.cat_ids)})",
+            f"has {len(index.cat_ids)} categories but the recipe sets model.num_classes={classes} "
+            f"(use --set model.num_classes={len(index.cat_ids)}, or auto)",
         )
     return index
-
-
-def read_image(path: Path) -> np.ndarray:
-    """Read a BGR image, raising KpnetError naming the file when it is missing or cannot be decoded."""
-    data = np.fromfile(str(path), np.uint8) if path.is_file() else None
-    if data is None:
-        raise KpnetError(path, "image file not found")
-    if data.size == 0:
-        raise KpnetError(path, "empty file (0 bytes), not an image")
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
-    if image is None:
-        raise KpnetError(path, "cannot decode image (corrupt or not an image)")
-    return image
 
 
 class TrainDataset(Dataset):
@@ -196,10 +217,12 @@ class EpochBatchSampler(Sampler):
 
 
 class TestImages(Dataset):
-    """Un-augmented images for evaluation: each item is the original BGR image and its id."""
+    """Un-augmented images for evaluation: each item is the BGR image, its id and its full (height, width); with
+    `min_side`, the image is decoded only as large as that (`kpnet.data.images.read_reduced`)."""
 
-    def __init__(self, index: CocoIndex) -> None:
+    def __init__(self, index: CocoIndex, min_side: int | None = None) -> None:
         self.index = index
+        self.min_side = min_side
 
     def __len__(self) -> int:
         return len(self.index.image_ids)
@@ -207,7 +230,25 @@ class TestImages(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         image_id = self.index.image_ids[i]
         try:
-            return {"image": read_image(self.index.image_path(image_id)), "image_id": image_id}
+            image, full_hw = read_reduced(self.index.image_path(image_id), self.min_side)
+            return {"image": image, "image_id": image_id, "full_hw": full_hw}
         except KpnetError as e:
             return {"error": e.line(), "image_id": image_id}
 
+
+
+class ImageFiles(Dataset):
+    """Unlabelled image files for `kpnet predict`: like `TestImages`, each item names its file instead of an id."""
+
+    def __init__(self, paths: list[Path], min_side: int | None = None) -> None:
+        self.paths, self.min_side = paths, min_side
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        try:
+            image, full_hw = read_reduced(self.paths[i], self.min_side)
+            return {"image": image, "index": i, "full_hw": full_hw}
+        except KpnetError as e:
+            return {"error": e.line(), "index": i}

@@ -117,16 +117,19 @@ def train_augment(
     return normalize(img), transform_boxes(boxes, matrix), matrix @ mirror
 
 
-def test_input(image: np.ndarray, scale: float, pad: int, pad_add: int = 1) -> tuple[np.ndarray, dict[str, float]]:
+def test_input(image: np.ndarray, scale: float, pad: int, pad_add: int = 1,
+               full_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, dict[str, float]]:
     """Resize by `scale`, centre in a zero canvas of (h | pad) + pad_add by (w | pad) + pad_add, normalise.
 
     pad_add 1 gives a multiple of pad + 1 (XZ); pad_add 0 with pad 127 gives 128k − 1 (CN/DK; REFERENCE §4.6).
+    `full_hw`: the full image's size when `image` was decoded smaller (`data.images.read_reduced`); `scale` and
+    the meta then refer to the full image's pixels.
 
     Returns the CHW input and the meta needed to map outputs back: border offsets and the scale.
     """
-    h, w = image.shape[:2]
+    h, w = full_hw or image.shape[:2]
     new_h, new_w = int(h * scale), int(w * scale)
-    resized = cv2.resize(image, (new_w, new_h)) if (new_h, new_w) != (h, w) else image
+    resized = cv2.resize(image, (new_w, new_h)) if (new_h, new_w) != image.shape[:2] else image
     inp_h, inp_w = (new_h | pad) + pad_add, (new_w | pad) + pad_add
     top, left = inp_h // 2 - new_h // 2, inp_w // 2 - new_w // 2
     canvas = np.zeros((inp_h, inp_w, 3), np.float32)

@@ -6,9 +6,10 @@ writes a cleaned copy and lists every change; `load_coco_checked` is the loader 
 and the first culprit for what would break them, and tolerates degenerate and out-of-image boxes (the
 dataset clips them and drops what is left empty, as the reference code does).
 
-Why annotation id 0 is an error: pycocotools' COCOeval records a match by storing the matched
+Why annotation id 0 is a problem: pycocotools' COCOeval records a match by storing the matched
 ground-truth id, with 0 meaning "unmatched", so a ground-truth box with id 0 can never be
-matched (a perfect self-evaluation of such a file scores below AP 1.0).
+matched (a perfect self-evaluation of such a file scores below AP 1.0). `validate_coco` reports it;
+`load_coco_checked` renumbers it in memory with a warning, so Roboflow exports (ids from 0) train and score.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from kpnet.errors import KpnetError
+from kpnet.data.images import oriented_size
+from kpnet.errors import KpnetError, warn
 from kpnet.io import atomic_write_json
 
 SECTIONS = ("images", "annotations", "categories")
@@ -46,9 +48,10 @@ BOX_STATISTICS_KEYS: Mapping[str, tuple[str, ...]] = {
 # Problems that break training or evaluation: `load_coco_checked` raises on these.
 FATAL_KINDS = frozenset({
     "malformed_json", "missing_key", "bad_value", "duplicate_image_id", "duplicate_annotation_id",
-    "duplicate_category_id", "annotation_id_zero", "unknown_image_id", "unknown_category_id",
-    "path_escape", "missing_image",
+    "duplicate_category_id", "unknown_image_id", "unknown_category_id", "path_escape", "missing_image",
 })
+# Problems `load_coco_checked` repairs in memory with a warning: an annotation id 0 gets a new id.
+RENUMBERED_KINDS = frozenset({"annotation_id_zero"})
 # Problems the dataset tolerates (boxes are clipped, then dropped if empty) and `--fix` repairs.
 TOLERATED_KINDS = frozenset({"degenerate_box", "out_of_image_box", "unreadable_image", "size_mismatch"})
 COUNT_KEYS = ("images", "boxes", "classes", "classes_with_boxes", "crowd", "images_without_boxes")
@@ -210,18 +213,10 @@ def escapes_root(file_name: str) -> bool:
 
 
 def read_image_size(path: Path) -> tuple[int, int]:
-    """Decode the whole image (JPEGs at reduced DCT scale) and return its (width, height);
-    raises OSError or ValueError for unreadable, truncated or corrupt files."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            size = im.size
-            im.draft("RGB", (max(size[0] // 8, 1), max(size[1] // 8, 1)))
-            im.load()
-    except Image.DecompressionBombError as e:
-        raise OSError(str(e)) from None
-    return size
+    """Decode the whole image (JPEGs at reduced DCT scale) and return its (width, height) as shown, EXIF
+    orientation applied (as every kpnet command reads it); raises OSError or ValueError for unreadable,
+    truncated or corrupt files."""
+    return oriented_size(path, decode=True)
 
 
 def _image_problems(rec: dict[str, Any], root: Path, decode: bool) -> Problem | None:
@@ -376,7 +371,20 @@ def load_coco_checked(ann_path: str | Path, images_dir: str | Path | None, *,
                                    f"--images {root or 'DIR'} --fix OUT` reports them all and repairs what it can")
     for ann in doc["annotations"]:
         ann.setdefault("iscrowd", 0)
+    renumber_id_zero(doc, ann_path)
     return doc
+
+
+def renumber_id_zero(doc: dict[str, Any], source: str | Path) -> None:
+    """Give an annotation with id 0 (which COCOeval can never match) the id after the largest, in memory, with a
+    one-line warning; image ids are kept, so results still name the file's images."""
+    zero = [ann for ann in doc["annotations"] if ann.get("id") == 0]
+    if not zero:
+        return
+    new_id = max(ann.get("id", 0) for ann in doc["annotations"]) + 1
+    zero[0]["id"] = new_id
+    warn(source, f"annotation id 0 (image {zero[0]['image_id']}) renumbered to {new_id} in memory: pycocotools "
+                 "cannot match a ground-truth id 0 (`kpnet prepare-data coco --fix` writes a renumbered copy)")
 
 
 def coco_index(doc: dict[str, Any]) -> COCO:

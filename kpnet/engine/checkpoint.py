@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import re
 import warnings
@@ -13,7 +14,7 @@ import torch
 from torch import nn
 
 from kpnet import __version__
-from kpnet.config import Recipe, recipe_from_dict
+from kpnet.config import Recipe, recipe_from_dict, with_num_classes
 from kpnet.errors import KpnetError
 from kpnet.io import atomic_torch_save
 
@@ -88,6 +89,19 @@ def load_weights(model: nn.Module, doc: dict[str, Any], path: str | Path) -> Non
 def checkpoint_recipe(doc: dict[str, Any], path: str | Path) -> Recipe:
     """The recipe stored in a checkpoint."""
     return recipe_from_dict(doc["recipe"], source=str(path))
+
+
+def recipe_for_weights(recipe: Recipe, stored: Recipe) -> Recipe:
+    """`recipe` as the checkpoint's weights need it: its `train` and `augment` sections are the ones the weights were
+    trained with (they fix the scale the model knows, which `test.input_size: auto` follows), and
+    `model.num_classes: auto` becomes the trained count."""
+    recipe = dataclasses.replace(recipe, train=stored.train, augment=stored.augment)
+    return with_num_classes(recipe, stored.model.num_classes)
+
+
+def checkpoint_classes(doc: dict[str, Any]) -> tuple[list[str] | None, list[int] | None]:
+    """The training set's class names and COCO category ids (class c <-> cat_ids[c]) a checkpoint recorded."""
+    return doc.get("class_names"), doc.get("cat_ids")
 
 
 # Keys that may change between a run and its --resume without changing what is trained. `train.accumulate`

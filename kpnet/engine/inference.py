@@ -5,19 +5,22 @@ let the detector decode, map boxes back to image pixels, postprocess the scales,
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+from torch.utils.data import Dataset
 
-from kpnet.config import TestConfig
-from kpnet.data.dataset import CocoIndex, TestImages
+from kpnet.config import Recipe, TestConfig, resolved_input_size
+from kpnet.data.dataset import CocoIndex, ImageFiles, TestImages
 from kpnet.data.transforms import test_input
 from kpnet.detectors.base import Detections, Detector, GridFeatures, ScaleOutput
 from kpnet.engine.host_memory import reuse_freed_memory
-from kpnet.errors import KpnetError
+from kpnet.errors import KpnetError, warn
 from kpnet.masks import paste_masks, to_rle
 from kpnet.ops import soft_nms, soft_nms_merge
 
@@ -28,16 +31,32 @@ Heads = Callable[[Tensor, dict[str, float]], dict[str, Tensor]]
 
 
 @torch.no_grad()
-def detect_image(detector: Detector, image: np.ndarray) -> Detections:
-    """Detections of one BGR image in image pixels, with the detector's own test settings."""
+def detect_image(detector: Detector, image: np.ndarray, full_hw: tuple[int, int] | None = None) -> Detections:
+    """Detections of one BGR image in image pixels, with the detector's own test settings (`full_hw`: the full
+    image's size when `image` was decoded smaller; the boxes are then in the full image's pixels)."""
     detector.eval()
-    return detect_with_heads(detector.network_heads, detector, image, detector.test)
+    return detect_with_heads(detector.network_heads, detector, image, detector.test, full_hw)
+
+
+def input_scale(detector: Detector, test: TestConfig, image_hw: tuple[int, int]) -> float:
+    """The factor that brings an image's longer side to `test.input_size` (1 at the original resolution); each of
+    `test.scales` multiplies it."""
+    size = resolved_input_size(test, detector.recipe)
+    return size / max(image_hw) if size else 1.0
+
+
+def decode_side(detector: Detector, test: TestConfig) -> int | None:
+    """The longer side test images need to be decoded at (the largest test scale), or None: the full image."""
+    size = resolved_input_size(test, detector.recipe)
+    return math.ceil(size * max(test.scales)) if size else None
 
 
 @torch.no_grad()
-def scale_output(heads: Heads, detector: Detector, image: np.ndarray, test: TestConfig, scale: float) -> ScaleOutput:
+def scale_output(heads: Heads, detector: Detector, image: np.ndarray, test: TestConfig, scale: float,
+                 full_hw: tuple[int, int] | None = None) -> ScaleOutput:
     """One scale of the test pipeline: the detector's decode with its coordinates in image pixels."""
-    inp, meta = test_input(image, scale, test.pad, test.pad_add)
+    full_hw = full_hw or image.shape[:2]
+    inp, meta = test_input(image, scale * input_scale(detector, test, full_hw), test.pad, test.pad_add, full_hw)
     batch = torch.from_numpy(inp)[None]
     if test.flip:
         batch = torch.cat([batch, batch.flip(-1)])
@@ -51,7 +70,8 @@ def scale_output(heads: Heads, detector: Detector, image: np.ndarray, test: Test
 
 
 @torch.no_grad()
-def detect_with_heads(heads: Heads, detector: Detector, image: np.ndarray, test: TestConfig) -> Detections:
+def detect_with_heads(heads: Heads, detector: Detector, image: np.ndarray, test: TestConfig,
+                      full_hw: tuple[int, int] | None = None) -> Detections:
     """The test pipeline with any head source (the network, or ground truth for error analysis).
 
     Every scale is decoded and mapped to image pixels, the detector's `postprocess` turns the scales into
@@ -59,7 +79,7 @@ def detect_with_heads(heads: Heads, detector: Detector, image: np.ndarray, test:
     for several scales, REFERENCE §4.3, §4.5), the best `max_per_image` by score, and their instance masks
     where the detector has a mask head (CentripetalNet §3.3).
     """
-    per_scale = [scale_output(heads, detector, image, test, scale) for scale in test.scales]
+    per_scale = [scale_output(heads, detector, image, test, scale, full_hw) for scale in test.scales]
     dets = postprocess_image(detector, per_scale, test)
     return detector.predict_masks(dets, per_scale) if detector.has_masks else dets
 
@@ -113,14 +133,16 @@ def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimal
     return out
 
 
-def iterate_images(index: CocoIndex, num_workers: int, positions: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
-    """Decoded test images in file order (only those at `positions`, e.g. a rank's shard, when given), read by
-    DataLoader workers; a bad image stops with its line."""
-    images = TestImages(index)
-    loader = torch.utils.data.DataLoader(
-        images if positions is None else torch.utils.data.Subset(images, list(positions)),
-        batch_size=None, num_workers=num_workers, collate_fn=lambda s: s,
-    )
+def iterate_images(index: CocoIndex, num_workers: int, min_side: int | None = None,
+                   positions: Sequence[int] | None = None) -> Iterator[dict[str, Any]]:
+    """Decoded test images in file order (no larger than `min_side` needs; only those at `positions`, e.g. a rank's
+    shard, when given), read by DataLoader workers; a bad image stops with its line."""
+    images = TestImages(index, min_side)
+    return _iterate(images if positions is None else torch.utils.data.Subset(images, list(positions)), num_workers)
+
+
+def _iterate(images: Dataset, num_workers: int) -> Iterator[dict[str, Any]]:
+    loader = torch.utils.data.DataLoader(images, batch_size=None, num_workers=num_workers, collate_fn=lambda s: s)
     for item in loader:
         if "error" in item:
             raise KpnetError(None, item["error"])
@@ -132,7 +154,7 @@ def predict_dataset(
     index: CocoIndex,
     num_workers: int = 0,
     on_image: Callable[[], None] | None = None,
-    detect: Callable[[np.ndarray], Detections] | None = None,
+    detect: Callable[[np.ndarray, tuple[int, int]], Detections] | None = None,
     positions: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the test pipeline over every image of a data set (or those at `positions`: a distributed rank's
@@ -143,10 +165,58 @@ def predict_dataset(
     if detect is not None or detector.device.type == "cpu":
         reuse_freed_memory()
     results: list[dict[str, Any]] = []
-    for item in iterate_images(index, num_workers, positions):
-        dets = detect(item["image"]) if detect is not None else detect_image(detector, item["image"])
-        results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals,
-                                   item["image"].shape[:2], detector.test.mask_threshold)
+    for item in iterate_images(index, num_workers, decode_side(detector, detector.test), positions):
+        image, full_hw = item["image"], item["full_hw"]
+        dets = detect(image, full_hw) if detect is not None else detect_image(detector, image, full_hw)
+        results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals, full_hw,
+                                   detector.test.mask_threshold)
         if on_image:
             on_image()
     return results
+
+
+@torch.no_grad()
+def predict_files(detector: Detector, paths: list[Path], num_workers: int = 0) -> Iterator[tuple[dict[str, Any], Detections]]:
+    """The test pipeline over unlabelled image files, streamed: (item, detections in full-image pixels) per file in
+    order, the item holding the decoded (possibly reduced) `image`, its `index` and the full image's `full_hw`."""
+    detector.eval()
+    if detector.device.type == "cpu":
+        reuse_freed_memory()
+    for item in _iterate(ImageFiles(paths, decode_side(detector, detector.test)), num_workers):
+        yield item, detect_image(detector, item["image"], item["full_hw"])
+
+
+def warn_scale(detector: Detector, image_hw: list[tuple[int, int]]) -> None:
+    """Warn (one line, `kpnet.errors.warn`) when the test scale differs from the one the model was trained at."""
+    line = scale_warning(detector.recipe, detector.test, image_hw)
+    if line is not None:
+        warn(detector.recipe.source or None, line)
+
+
+def scale_warning(recipe: Recipe, test: TestConfig, image_hw: list[tuple[int, int]]) -> str | None:
+    """A line when the middle test scale shows objects at a size training never showed them (issue 18), else None.
+
+    Training's `centernet` crop resizes a side of max(h, w)·s to train.input_size, so the longer side trained at
+    lies in input_size / s for s in augment.scales; the `cornernet` crop cuts input_size·s windows at the original
+    resolution, so a longer side L was trained at L / s. Compared at the data set's median longer side.
+    """
+    if not image_hw:
+        return None
+    longer = float(np.median([max(hw) for hw in image_hw]))
+    train, scales = recipe.train.input_size, recipe.augment.scales
+    if recipe.augment.crop == "centernet":
+        low, high = train / max(scales), train / min(scales)
+        trained = f"train.input_size {train} with augment.scales {min(scales)}-{max(scales)}"
+    else:
+        low, high = longer / max(scales), longer / min(scales)
+        trained = f"original-resolution crops with augment.scales {min(scales)}-{max(scales)}"
+    size = resolved_input_size(test, recipe)
+    middle = float(np.median(test.scales))
+    tested = (size or longer) * middle
+    if low * (1 - 1e-6) <= tested <= high * (1 + 1e-6):
+        return None
+    how = f"test.input_size {size}" if size else "the original resolution (test.input_size null)"
+    hint = f"test.input_size {'null' if recipe.augment.crop == 'cornernet' else train}"
+    return (f"the model was trained seeing images at a longer side of {low:.0f}-{high:.0f} px ({trained}) but is "
+            f"tested at {tested:.0f} px ({how}, test scale {middle:g}, images of median longer side {longer:.0f} px): "
+            f"objects at a scale it never saw are detected poorly; set {hint} (--set test.input_size=...)")

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kpnet.config import Recipe
+from kpnet.config import Recipe, TrainConfig, with_num_classes
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
 from kpnet.data.validate import require_segmentations
 from kpnet.detectors.base import TargetRenderer
@@ -112,6 +112,14 @@ def lr_factor(it: int, warmup: int, steps: list[int]) -> float:
     """Linear warmup from 1/3 over `warmup` iterations, then ×0.1 at each step iteration."""
     warm = 1.0 if warmup <= 0 or it >= warmup else 1 / 3 + (2 / 3) * it / warmup
     return warm * (0.1 ** sum(it >= s for s in steps))
+
+
+def schedule(tr: TrainConfig, per_epoch: int) -> tuple[int, list[int]]:
+    """Total iterations and the lr/10 step iterations: `train.iterations` with `lr_step_fractions` of it (the same
+    compute for any data-set size), or `epochs` and `lr_steps` (epochs) of `per_epoch` iterations."""
+    if tr.iterations > 0:
+        return tr.iterations, [round(f * tr.iterations) for f in tr.lr_step_fractions]
+    return tr.epochs * per_epoch, [s * per_epoch for s in tr.lr_steps]
 
 
 def mixed_precision(amp: bool, device: str) -> tuple[bool, torch.dtype]:
@@ -196,6 +204,7 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
     tr = recipe.train
     split = distributed.plan(tr, world.size, device, recipe.source or None)
     index = load_split(recipe, "train")
+    recipe = with_num_classes(recipe, len(index.cat_ids))
 
     torch.manual_seed(tr.seed)
     memory_format = torch.channels_last if tr.channels_last else torch.contiguous_format
@@ -205,8 +214,7 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
     per_epoch = len(index.image_ids) // tr.batch_size
     if per_epoch == 0:
         raise KpnetError(index.ann_file, f"{len(index.image_ids)} images are fewer than train.batch_size={tr.batch_size}")
-    total = tr.epochs * per_epoch
-    steps = [s * per_epoch for s in tr.lr_steps]
+    total, steps = schedule(tr, per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=tr.warmup_iters, steps=steps))
     start = 0
     ckpt_path = out_dir / "last.pt"

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from kpnet import __version__
+from kpnet.config import resolved_input_size
 from kpnet.data.transforms import MEAN_BGR, STD_BGR
 from kpnet.detectors.base import Detector
 from kpnet.errors import KpnetError
@@ -162,6 +163,9 @@ def make_sidecar(detector: Detector, graph: ExportGraph, opset: int, batch: int 
             "name": "images", "layout": "NCHW float32", "batch": batch or "dynamic",
             "size": list(input_hw) if input_hw else "dynamic", "channels": "BGR",
             "normalise": "x = (pixel / 255 - mean) / std", "mean": MEAN_BGR.tolist(), "std": STD_BGR.tolist(),
+            "input_size": resolved_input_size(t, r),
+            "resize": "the image's longer side to input_size (null: the original resolution), times each host_side "
+                      "scale, before padding",
             "pad": {"pad": t.pad, "pad_add": t.pad_add,
                     "rule": "canvas (h | pad) + pad_add by (w | pad) + pad_add, zeros, the image centred at "
                             "(canvas // 2 - size // 2), padded before normalising"},

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kpnet.config import Recipe, TestConfig
+from kpnet.config import Recipe, TestConfig, resolved_input_size, with_num_classes
 from kpnet.data.transforms import test_input
 from kpnet.detectors.base import Detections, Detector, ScaleOutput
-from kpnet.engine.inference import postprocess_image, scale_output
+from kpnet.engine.inference import input_scale, postprocess_image, scale_output
 from kpnet.errors import KpnetError
 from kpnet.export.graph import EXTRA_HINT, FORMAT, sidecar_path
 
@@ -54,6 +54,8 @@ class OnnxModel:
         s, t = self.sidecar, recipe.test
         wanted = {"family": (s["family"], recipe.family), "model.num_classes": (s["num_classes"], recipe.model.num_classes),
                   "test.pad": (s["input"]["pad"]["pad"], t.pad), "test.pad_add": (s["input"]["pad"]["pad_add"], t.pad_add)}
+        if "input_size" in s["input"]:  # sidecars before issue 18 ran every image at its original resolution
+            wanted["test.input_size"] = (s["input"]["input_size"], resolved_input_size(t, recipe))
         for key, (exported, given) in wanted.items():
             if exported != given:
                 raise KpnetError("--onnx", f"{self.path.name} was exported with {key}={exported!r}, the recipe has "
@@ -90,18 +92,20 @@ class OnnxModel:
         """A head source for the test pipeline (heads-only graphs)."""
         return self.run(batch.numpy())
 
-    def scale_output(self, detector: Detector, image: np.ndarray, scale: float) -> ScaleOutput:
+    def scale_output(self, detector: Detector, image: np.ndarray, scale: float,
+                     full_hw: tuple[int, int] | None = None) -> ScaleOutput:
         """One scale of the test pipeline, in image pixels: decoded on the host (heads graphs) or in the graph."""
         test = detector.test
         if self.heads_only:
-            return scale_output(self.heads, detector, image, test, scale)
-        inp, meta = test_input(image, scale, test.pad, test.pad_add)
+            return scale_output(self.heads, detector, image, test, scale, full_hw)
+        full_hw = full_hw or image.shape[:2]
+        inp, meta = test_input(image, scale * input_scale(detector, test, full_hw), test.pad, test.pad_add, full_hw)
         outputs = self.run(inp[None])
         return detector.export_scale_output({k: v[0] for k, v in outputs.items()}).to_image(meta, 1.0, 1.0)
 
-    def detect(self, detector: Detector, image: np.ndarray) -> Detections:
+    def detect(self, detector: Detector, image: np.ndarray, full_hw: tuple[int, int] | None = None) -> Detections:
         """Detections of one BGR image in image pixels: every scale, then kpnet's postprocess, NMS and top max_per_image."""
-        per_scale = [self.scale_output(detector, image, scale) for scale in detector.test.scales]
+        per_scale = [self.scale_output(detector, image, scale, full_hw) for scale in detector.test.scales]
         return postprocess_image(detector, per_scale, detector.test)
 
 
@@ -109,6 +113,9 @@ def onnx_detector(recipe: Recipe, model: OnnxModel) -> Detector:
     """The recipe's Detector for host-side decoding, without a network (the graph replaces it)."""
     from kpnet.models import FAMILIES
 
+    recipe = with_num_classes(recipe, model.sidecar["num_classes"])
+    if recipe.test.input_size == "auto" and "input_size" in model.sidecar["input"]:
+        recipe = dataclasses.replace(recipe, test=dataclasses.replace(recipe.test, input_size=model.sidecar["input"]["input_size"]))
     model.check_recipe(recipe)
     detector = FAMILIES[recipe.family](recipe, network=torch.nn.Module())
     model.check_decoding(recipe.test, detector.decoding)
