@@ -21,6 +21,7 @@ from pycocotools.coco import COCO
 from torch.utils.data import Dataset, Sampler
 
 from kpnet.config import Recipe
+from kpnet.data.poses import NUM_JOINTS
 from kpnet.data.transforms import train_augment
 from kpnet.data.validate import coco_index, load_coco_checked
 from kpnet.errors import KpnetError
@@ -44,11 +45,23 @@ class CocoIndex:
     def image_path(self, image_id: int) -> Path:
         return self.image_root / self.coco.imgs[image_id]["file_name"]
 
+    def annotations(self, image_id: int) -> list[dict[str, Any]]:
+        """One image's annotations in training order (by category), degenerate boxes dropped."""
+        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
+        return sorted(anns, key=lambda a: a["category_id"])
+
+    def keypoints(self, image_id: int, num_joints: int) -> np.ndarray:
+        """(N, J, 3) COCO keypoints x, y, v of one image, aligned with `boxes` (zeros where an object has none)."""
+        kps = np.zeros((len(anns := self.annotations(image_id)), num_joints, 3), np.float32)
+        for k, a in enumerate(anns):
+            if a.get("keypoints"):
+                kps[k] = np.asarray(a["keypoints"], np.float32).reshape(-1, 3)[:num_joints]
+        return kps
+
     def boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) x1, y1, x2, y2 boxes and (N,) contiguous classes of one image, degenerate boxes dropped."""
         label = {c: i for i, c in enumerate(self.cat_ids)}
-        anns = [a for a in self.coco.imgToAnns.get(image_id, []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
-        anns.sort(key=lambda a: a["category_id"])
+        anns = self.annotations(image_id)
         if not anns:
             return np.zeros((0, 4), np.float32), np.zeros((0,), np.int64)
         xywh = np.array([a["bbox"] for a in anns], np.float32)
@@ -122,12 +135,14 @@ class TrainDataset(Dataset):
         seed: int,
         border: int = 128,
         crop: str = "centernet",
+        flip_pairs: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
         self.index = index
         self.encode = encode
         self.input_size = input_size
         self.aug = dict(scales=scales, flip=flip, color=color, lighting=lighting, border=border, crop=crop)
         self.seed = seed
+        self.flip_pairs = flip_pairs  # a pose family's: keypoints are augmented and encoded with the boxes
 
     def __len__(self) -> int:
         return len(self.index.image_ids)
@@ -142,9 +157,16 @@ class TrainDataset(Dataset):
             return {"error": e.line()}
         boxes, classes = self.index.boxes(image_id)
         rng = np.random.default_rng([self.seed, epoch, i])
-        inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug)
+        if self.flip_pairs is None:
+            inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug)
+            targets = self.encode(boxes, classes)
+        else:
+            kps = self.index.keypoints(image_id, NUM_JOINTS)
+            inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug, keypoints=kps,
+                                       flip_pairs=self.flip_pairs)
+            targets = self.encode(boxes, classes, keypoints=kps)
         sample = {"image": torch.from_numpy(inp)}
-        sample.update({k: torch.from_numpy(v) for k, v in self.encode(boxes, classes).items()})
+        sample.update({k: torch.from_numpy(v) for k, v in targets.items()})
         return sample
 
 

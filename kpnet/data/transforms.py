@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from kpnet.data.poses import flip_permutation
+
 # OpenCV's own thread pool spins between calls and fights PyTorch's threads for the cores (measured:
 # a CPU training step 5x slower); the data pipeline parallelises over DataLoader workers instead.
 cv2.setNumThreads(1)
@@ -84,13 +86,16 @@ def train_augment(
     lighting: float,
     border: int = 128,
     crop: str = "centernet",
+    keypoints: np.ndarray | None = None,
+    flip_pairs: tuple[tuple[int, int], ...] = (),
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random-scale crop around a random centre, flip, colour, lighting (REFERENCE §5).
 
     The crop is a square window resized to the input, zero outside the image: `crop="centernet"` (XZ)
     takes side max(h, w)·s, so the zoom depends on the image size; `crop="cornernet"` (CN/DK
     `random_crop`) takes side int(input_size·s) of the original-resolution image. Returns the
-    normalised CHW input and the boxes in input pixels (not yet clipped).
+    normalised CHW input and the boxes in input pixels (not yet clipped). `keypoints` (N, J, 3) x, y, v,
+    when given, are mapped in place the same way, left and right joints swapped along `flip_pairs` on a flip.
     """
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
@@ -104,7 +109,12 @@ def train_augment(
         image = image[:, ::-1]
         center[0] = w - center[0] - 1
         boxes = np.stack([w - boxes[:, 2] - 1, boxes[:, 1], w - boxes[:, 0] - 1, boxes[:, 3]], axis=1)
+        if keypoints is not None:
+            keypoints[..., 0] = w - keypoints[..., 0] - 1
+            keypoints[:] = keypoints[:, flip_permutation(flip_pairs, keypoints.shape[1])]
     matrix = affine_to_square(center, side, input_size)
+    if keypoints is not None:
+        keypoints[..., :2] = keypoints[..., :2] * np.diag(matrix[:, :2]) + matrix[:, 2]
     warped = cv2.warpAffine(np.ascontiguousarray(image), matrix, (input_size, input_size), flags=cv2.INTER_LINEAR)
     img = warped.astype(np.float32) / 255.0
     if color > 0:

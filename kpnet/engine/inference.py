@@ -80,7 +80,8 @@ def postprocess_image(detector: Detector, per_scale: list[ScaleOutput], test: Te
 def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimals: int) -> list[dict[str, Any]]:
     """COCO results entries ([x, y, w, h] boxes) for one image; values rounded as the reference does.
 
-    A box decoded with a negative size (possible early in training) is written with size 0.
+    A box decoded with a negative size (possible early in training) is written with size 0. A pose family's
+    joints are written as COCO `keypoints` (x, y, confidence per joint; COCOeval reads x and y).
     """
     rnd = (lambda v: round(float(v), decimals)) if decimals >= 0 else float
     out = []
@@ -93,6 +94,9 @@ def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimal
                 "score": rnd(score),
             }
         )
+    if dets.keypoints is not None:
+        for entry, joints in zip(out, dets.keypoints.reshape(len(dets), -1).tolist()):
+            entry["keypoints"] = [rnd(v) for v in joints]
     return out
 
 

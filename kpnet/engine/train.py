@@ -190,7 +190,8 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
     encode = functools.partial(encode_input_boxes, detector.target_renderer(), out_h / tr.input_size, (out_h, out_w))
     a = recipe.augment
     dataset = TrainDataset(
-        index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop
+        index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop,
+        flip_pairs=detector.flip_pairs,
     )
     sampler = EpochBatchSampler(len(dataset), tr.batch_size, tr.seed, start, end)
     workers = recipe.data.num_workers
@@ -304,9 +305,15 @@ def _kept(ckpt_path: Path, saved: int, start: int) -> str:
     return f"{ckpt_path} (iteration {saved}) is kept as the last good checkpoint"
 
 
-def encode_input_boxes(render: TargetRenderer, ratio: float, out_hw: tuple[int, int], boxes: Any, classes: Any) -> dict[str, Any]:
-    """Map augmented input-pixel boxes onto the output grid (× out/inp) and render the family's targets."""
-    return render(boxes * ratio, classes, out_hw=out_hw)
+def encode_input_boxes(render: TargetRenderer, ratio: float, out_hw: tuple[int, int], boxes: Any, classes: Any,
+                       keypoints: Any = None) -> dict[str, Any]:
+    """Map augmented input-pixel boxes (and a pose family's keypoints) onto the output grid (× out/inp) and
+    render the family's targets."""
+    if keypoints is None:
+        return render(boxes * ratio, classes, out_hw=out_hw)
+    keypoints = keypoints.copy()
+    keypoints[..., :2] *= ratio
+    return render(boxes * ratio, classes, out_hw=out_hw, keypoints=keypoints)
 
 
 def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
