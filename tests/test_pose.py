@@ -45,7 +45,7 @@ def people(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def detector_for(root: Path, *overrides: str) -> CenterNetPoseDetector:
-    recipe = load_recipe(SMALL, [f"data.root={root}", "data.num_workers=0", *overrides])
+    recipe = load_recipe(SMALL, [f"data.root={root}", "data.num_workers=0", "test.flip=false", *overrides])
     return CenterNetPoseDetector(recipe, nn.Identity())
 
 
@@ -320,3 +320,21 @@ def test_paper_pose_network_parameter_counts(name: str, backbone, expected: int)
     assert count == backbone_count + heads == expected
     assert count - sum(p.numel() for p in points.parameters()) == bb.num_stacks * sum(
         head_parameters(bb.out_channels, 256, out) for out in (34, 17, 2))
+
+
+def test_error_analysis_scores_pose_rows_by_keypoint_ap(people: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from kpnet.cli import app
+    from kpnet.engine.checkpoint import save_checkpoint
+
+    recipe = load_recipe(SMALL, [f"data.root={people}"])
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(tmp_path / "ckpt.pt", CenterNetPoseDetector(recipe).network, recipe)
+    result = CliRunner().invoke(app, ["error-analysis", str(SMALL), "--checkpoint", str(ckpt), "--set",
+                                      f"data.root={people}", "--set", "data.num_workers=0", "--set", "test.flip=false",
+                                      "--replace", "hm,wh,reg,hps,hm_hp,hp_offset", "--json"])
+    assert result.exit_code == 0, result.stderr
+    rows = json.loads(result.stdout)["rows"]
+    assert [r["label"] for r in rows] == ["baseline", "w/ gt all heads"]
+    assert rows[0]["keypoints"]["AP"] < 0.1 and rows[1]["keypoints"]["AP"] >= 0.99

@@ -97,7 +97,7 @@ def _pt(p: np.ndarray) -> tuple[int, int]:
 def _draw_person(canvas: np.ndarray, joints: np.ndarray, height: float, body: tuple[float, ...],
                  skin: tuple[float, ...], dark: tuple[float, ...]) -> None:
     """A stick figure on `canvas` (an image, or a mask with every colour 255): torso, limbs, head and face."""
-    t = max(2, int(round(0.055 * height)))
+    t = max(3, int(round(0.085 * height)))
     torso = np.array([_pt(joints[5]), _pt(joints[6]), _pt(joints[12]), _pt(joints[11])], np.int32)
     cv2.fillPoly(canvas, [torso], body, cv2.LINE_AA, _SHIFT)
     for a, b in ((5, 7), (7, 9), (6, 8), (8, 10), (11, 13), (13, 15), (12, 14), (14, 16)):
@@ -105,7 +105,7 @@ def _draw_person(canvas: np.ndarray, joints: np.ndarray, height: float, body: tu
     neck = (joints[5] + joints[6]) / 2
     head = (joints[3] + joints[4]) / 2
     cv2.line(canvas, _pt(neck), _pt(head), skin, max(2, t - 1), cv2.LINE_AA, _SHIFT)
-    r = 0.085 * height
+    r = 0.095 * height
     cv2.circle(canvas, _pt(head), int(round(r * (1 << _SHIFT))), skin, -1, cv2.LINE_AA, _SHIFT)
     dot = int(round(max(1.0, 0.014 * height) * (1 << _SHIFT)))
     for k in (1, 2):
