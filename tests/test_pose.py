@@ -136,6 +136,19 @@ def test_bad_keypoint_annotations_stop_naming_the_culprit(people: Path, tmp_path
     assert f"annotation id {ann['id']} (image {ann['image_id']}) {line}" in str(e.value)
 
 
+def test_keypoints_of_another_joint_layout_stop_naming_the_file(people: Path, tmp_path: Path) -> None:
+    doc = json.loads((people / "annotations" / "person_keypoints_val.json").read_text())
+    doc["categories"][0]["keypoints"] = doc["categories"][0]["keypoints"][:14]
+    for ann in doc["annotations"]:
+        ann["keypoints"] = ann["keypoints"][:42]
+        ann["num_keypoints"] = sum(1 for v in ann["keypoints"][2::3] if v > 0)
+    path = tmp_path / "fourteen.json"
+    path.write_text(json.dumps(doc))
+    index = load_index(path, people / "val")
+    with pytest.raises(KpnetError, match=r"fourteen.json: annotation id 1 \(image 1\) has 14 keypoints; this model has 17"):
+        index.keypoints(index.image_ids[0], NUM_JOINTS)
+
+
 def test_flip_swaps_left_and_right_joints_through_augmentation(people: Path) -> None:
     index = load_index(people / "annotations" / "person_keypoints_val.json", people / "val")
     image_id = index.image_ids[0]

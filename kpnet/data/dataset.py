@@ -55,7 +55,10 @@ class CocoIndex:
         kps = np.zeros((len(anns := self.annotations(image_id)), num_joints, 3), np.float32)
         for k, a in enumerate(anns):
             if a.get("keypoints"):
-                kps[k] = np.asarray(a["keypoints"], np.float32).reshape(-1, 3)[:num_joints]
+                if len(a["keypoints"]) != 3 * num_joints:
+                    raise KpnetError(self.ann_file, f"annotation id {a.get('id')} (image {image_id}) has "
+                                                    f"{len(a['keypoints']) // 3} keypoints; this model has {num_joints} joints")
+                kps[k] = np.asarray(a["keypoints"], np.float32).reshape(num_joints, 3)
         return kps
 
     def boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +164,10 @@ class TrainDataset(Dataset):
             inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug)
             targets = self.encode(boxes, classes)
         else:
-            kps = self.index.keypoints(image_id, NUM_JOINTS)
+            try:
+                kps = self.index.keypoints(image_id, NUM_JOINTS)
+            except KpnetError as e:
+                return {"error": e.line()}
             inp, boxes = train_augment(rng, image, boxes, self.input_size, **self.aug, keypoints=kps,
                                        flip_pairs=self.flip_pairs)
             targets = self.encode(boxes, classes, keypoints=kps)
