@@ -61,7 +61,7 @@ class Detections:
         return dataclasses.replace(self, **changes)
 
     def to_image(self, meta: dict[str, float], down_x: float, down_y: float) -> Detections:
-        """Boxes (and centres) mapped from the output grid to image pixels, as float32 on the CPU."""
+        """Boxes (and centres, keypoints) mapped from the output grid to image pixels, as float32 on the CPU."""
         cpu = self.to_cpu()
         mapped = cpu.replace(
             boxes=grid_to_image(cpu.boxes.float(), meta, down_x, down_y), scores=cpu.scores.float(),
