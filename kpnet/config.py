@@ -21,7 +21,7 @@ from kpnet.errors import KpnetError
 
 
 # The recipe's enumerations: a value outside these stops at load time naming the key and the valid values.
-Family = Literal["centernet_points", "cornernet", "centernet_triplet", "centripetalnet"]
+Family = Literal["centernet_points", "cornernet", "centernet_triplet", "centripetalnet", "centernet_pose"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "hourglass104", "hourglass52", "hourglass_small",
                    "dla34"]
 RadiusMode = Literal["legacy_bug", "cornernet_fixed"]  # REFERENCE §2.2: XZ/DK published numbers; CN since 3e71377
@@ -88,6 +88,8 @@ class LossConfig:
     guiding_weight: float = 0.05  # centripetalnet: α of the guiding-shift loss (CentripetalNet eq. 9)
     centripetal_weight: float = 1.0  # centripetalnet: the centripetal-shift loss (eq. 2, 9)
     mask_weight: float = 1.0  # centripetalnet with model.mask: the per-RoI mask cross entropy (eq. 8, 9)
+    hp_weight: float = 1.0  # centernet_pose: L1 of the joint offsets from the centre (objects as points §4.2)
+    hm_hp_weight: float = 1.0  # centernet_pose: focal loss of the joint heatmaps (§4.2); their offsets use off_weight
     chunk_size: int = 0  # evaluate the loss per chunk of this many images and average (REFERENCE §3.5); 0 = whole batch
 
 
@@ -154,6 +156,9 @@ class TestConfig:
     centripetal_mu: CentripetalMu = "official"  # centripetalnet: which rule sets μ of the central region
     centripetal_area: float = 3500.0  # centripetalnet: the μ switch, box area in input pixels (REFERENCE §4.4)
     centripetal_weighting: bool = False  # centripetalnet: score × eq. 5's exp(-|dx||dy|/area(R)); off = the codes' mean
+    joint_snap: bool = True  # centernet_pose: snap regressed joints to joint-heatmap peaks (§4.2); off = Table 5 "reg"
+    joint_threshold: float = 0.1  # centernet_pose: joint-heatmap peaks above this are snapping candidates (§4.2)
+    joint_snap_distance: float = 0.3  # centernet_pose: a peak farther than this × the box's longer side is not taken
     nms: NmsMode = "none"  # per-class NMS after decoding; multi-scale tests always merge (gaussian when "none")
     nms_sigma: float = 0.5
     nms_threshold: float = 0.5

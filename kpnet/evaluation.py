@@ -1,6 +1,6 @@
-"""COCO scoring (bbox, and segm for instance masks), the one place it lives: loading results with errors
+"""COCO scoring (bbox, segm for instance masks, keypoints for poses), the one place it lives: loading results with errors
 that name the culprit (ground truth comes through `kpnet.data.validate.load_gt`), the 12 COCO stats
-(pycocotools or faster-coco-eval, identical numbers), the triplet paper's false-discovery rates (Tables
+(pycocotools or faster-coco-eval, identical numbers; the 10 OKS stats for keypoints), the triplet paper's false-discovery rates (Tables
 1 and 3) and precision-recall plots.
 
 Both backends' COCOeval is used as is: its matching (crowd regions, area ranges, ignored
@@ -24,12 +24,14 @@ from kpnet.data.validate import coco_index, is_int, is_number
 from kpnet.errors import KpnetError
 
 Backend = Literal["auto", "pycocotools", "faster"]
-IouType = Literal["bbox", "segm"]
-IOU_TYPES: tuple[str, ...] = ("bbox", "segm")
+IouType = Literal["bbox", "segm", "keypoints"]
+IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
 
 BBOX_KEYS: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
 )
+# COCOeval's keypoint summary (OKS with COCO's 17 sigmas, maxDets 20): no small range for keypoints.
+KEYPOINT_KEYS: tuple[str, ...] = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 FD_KEYS: tuple[str, ...] = ("FD", "FD5", "FD25", "FD50", "FD_S", "FD_M", "FD_L")
 # Triplet paper (CenterNet: Keypoint Triplets) Tables 1/3: IoU 0.05:0.05:0.50, maxDets 100.
 FD_IOU_THRESHOLDS = np.linspace(0.05, 0.5, 10)
@@ -177,6 +179,15 @@ def _check_result(source: str | Path, i: int, d: Any, images: dict[int, Any], ca
         raise KpnetError(source, f"{where}: category_id {d['category_id']} is not a ground-truth category")
     rle = None
     box = d.get("bbox")
+    if "keypoints" in d:
+        kps = d["keypoints"]
+        if not (isinstance(kps, list) and kps and len(kps) % 3 == 0 and all(is_number(v) for v in kps)):
+            raise KpnetError(source, f"{where}: 'keypoints' must be a list of x, y, v triples of finite numbers")
+        if any(abs(v) > MAX_PIXELS for v in kps):
+            raise KpnetError(source, f"{where}: 'keypoints' reach beyond {MAX_PIXELS:.0e} pixels")
+        if "bbox" not in d:  # pycocotools' loadRes: the box of the keypoints' extent
+            xs, ys = kps[0::3], kps[1::3]
+            box = [min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)]
     if "segmentation" in d:
         from pycocotools import mask as mask_utils
 
@@ -203,7 +214,8 @@ def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str
     """COCO results (a JSON file, streamed, or a list of dicts) over `gt`'s images: the MAX_DETS best per image and class.
 
     A result with a `segmentation` (COCO RLE) is an instance mask: its area is the mask's, and its box, when
-    absent, the mask's bounding box, as pycocotools' `loadRes` does.
+    absent, the mask's bounding box, as pycocotools' `loadRes` does. A result's `keypoints` are kept (a pose);
+    its box, when absent, is the keypoints' extent, as `loadRes` does.
     """
     entries: Iterable[Any]
     if isinstance(dets, (str, Path)):
@@ -217,10 +229,13 @@ def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str
     cat_ids = set(gt.getCatIds())
     ids, floats = array.array("q"), array.array("d")
     masks: dict[int, dict[str, Any]] = {}
+    keypoints: dict[int, list[float]] = {}
     for i, d in enumerate(entries):
         box, rle = _check_result(source, i, d, gt.imgs, cat_ids)
         if rle is not None:
             masks[i] = rle
+        if "keypoints" in d:
+            keypoints[i] = d["keypoints"]
         ids.extend((d["image_id"], d["category_id"]))
         floats.extend((*box, d["score"]))
     pairs = np.frombuffer(ids, np.int64).reshape(-1, 2)
@@ -229,6 +244,9 @@ def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str
     annotations = [{"id": int(i) + 1, "image_id": int(pairs[i, 0]), "category_id": int(pairs[i, 1]),
                     "bbox": values[i, :4].tolist(), "area": float(values[i, 2] * values[i, 3]),
                     "score": float(values[i, 4]), "iscrowd": 0} for i in keep]
+    for ann in annotations:
+        if (kps := keypoints.get(ann["id"] - 1)) is not None:
+            ann["keypoints"] = kps
     if masks:
         from pycocotools import mask as mask_utils
 
@@ -257,9 +275,28 @@ def _cocoeval_class(backend: Backend) -> Any:
     return COCOeval
 
 
+def _faster_index(coco: COCO) -> Any:
+    """The same document indexed by faster-coco-eval's COCO class."""
+    from faster_coco_eval import COCO as FasterCOCO
+
+    return _quiet(FasterCOCO, coco.dataset)
+
+
 def has_masks(dt: COCO) -> bool:
     """Whether loaded results carry instance masks (so `segm` can be scored)."""
     return any("segmentation" in a for a in dt.dataset["annotations"])
+
+
+def has_keypoints(dt: COCO) -> bool:
+    """Whether loaded results carry keypoints (so `keypoints` can be scored)."""
+    return any("keypoints" in a for a in dt.dataset["annotations"])
+
+
+def _check_gt_keypoints(gt: COCO) -> None:
+    missing = next((a for a in gt.dataset["annotations"] if "keypoints" not in a), None)
+    if missing is not None:
+        raise KpnetError("--iou-type", f"keypoints needs ground-truth keypoints; annotation id {missing.get('id')} has "
+                                       "no 'keypoints'")
 
 
 def _check_gt_masks(gt: COCO) -> None:
@@ -272,14 +309,22 @@ def _check_gt_masks(gt: COCO) -> None:
 def run_cocoeval(gt: COCO, dt: COCO, backend: Backend = "auto",
                  iou_thresholds: Sequence[float] | None = None,
                  max_dets: Sequence[int] | None = None, iou_type: IouType = "bbox") -> Any:
-    """Run COCOeval (bbox or segm) evaluate + accumulate quietly; the object holds `eval['precision']` [T,R,K,A,M]."""
+    """Run COCOeval (bbox, segm or keypoints: OKS with COCO's sigmas) evaluate + accumulate quietly; the object
+    holds `eval['precision']` [T,R,K,A,M]."""
     if iou_type not in IOU_TYPES:
         raise KpnetError("--iou-type", f"unknown IoU type {iou_type!r}; valid: {', '.join(IOU_TYPES)}")
     if iou_type == "segm":
         _check_gt_masks(gt)
         if not has_masks(dt):
             raise KpnetError("--iou-type", "segm needs results with 'segmentation' masks")
-    cocoeval = _cocoeval_class(backend)(gt, dt, iou_type)
+    if iou_type == "keypoints":
+        _check_gt_keypoints(gt)
+        if not has_keypoints(dt):
+            raise KpnetError("--iou-type", "keypoints needs results with 'keypoints'")
+    cocoeval_class = _cocoeval_class(backend)
+    if iou_type == "keypoints" and cocoeval_class.__module__.startswith("faster_coco_eval"):
+        gt, dt = _faster_index(gt), _faster_index(dt)  # its keypoint path reads faster-coco-eval's own index
+    cocoeval = cocoeval_class(gt, dt, iou_type)
     if iou_thresholds is not None:
         cocoeval.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
     if max_dets is not None:
@@ -290,15 +335,17 @@ def run_cocoeval(gt: COCO, dt: COCO, backend: Backend = "auto",
 
 
 def evaluate(gt: COCO, dt: COCO, backend: Backend = "auto", iou_type: IouType = "bbox") -> Any:
-    """The standard COCO evaluation (bbox, or segm for masks), summarised: `.stats` holds the 12 stats."""
+    """The standard COCO evaluation (bbox, segm for masks, keypoints for poses), summarised: `.stats` holds the 12
+    stats (10 for keypoints)."""
     cocoeval = run_cocoeval(gt, dt, backend, iou_type=iou_type)
     _quiet(cocoeval.summarize)
     return cocoeval
 
 
 def stats_dict(cocoeval: Any) -> dict[str, float]:
-    """The 12 COCO stats of a summarised COCOeval under kpnet's stable keys (-1 where undefined)."""
-    return {key: float(v) for key, v in zip(BBOX_KEYS, cocoeval.stats[:12], strict=True)}
+    """The 12 COCO stats (10 for keypoints) of a summarised COCOeval under kpnet's stable keys (-1 where undefined)."""
+    keys = KEYPOINT_KEYS if cocoeval.params.iouType == "keypoints" else BBOX_KEYS
+    return {key: float(v) for key, v in zip(keys, cocoeval.stats[:len(keys)], strict=True)}
 
 
 def bbox_stats(gt: COCO, dt: COCO, backend: Backend = "auto") -> dict[str, float]:

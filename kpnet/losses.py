@@ -49,6 +49,15 @@ def reg_l1_loss(pred: Tensor, ind: Tensor, mask: Tensor, target: Tensor) -> Tens
     return loss / (m.sum() + 1e-4)
 
 
+def reg_weighted_l1_loss(pred: Tensor, ind: Tensor, mask: Tensor, target: Tensor) -> Tensor:
+    """L1 on gathered regressions with a per-coordinate mask (B, M, D), divided by the mask's sum (XZ's
+    RegWeightedL1Loss: the joint offsets of objects as points §4.2, invisible joints masked)."""
+    gathered = gather_feat(pred, ind).float()
+    m = mask.float()
+    loss = F.l1_loss(gathered * m, target.float() * m, reduction="sum")
+    return loss / (m.sum() + 1e-4)
+
+
 def reg_smooth_l1_loss(pred: Tensor, ind: Tensor, mask: Tensor, target: Tensor) -> Tensor:
     """SmoothL1 (β = 1) on gathered offsets summed over x, y, divided by N (CornerNet eq. 6, REFERENCE §3.3)."""
     gathered = gather_feat(pred, ind).float()

@@ -7,6 +7,7 @@ from torch import nn
 from kpnet.config import Recipe
 from kpnet.detectors.base import Detector
 from kpnet.detectors.centernet_points import CenterNetPointsDetector
+from kpnet.detectors.centernet_pose import CenterNetPoseDetector
 from kpnet.detectors.centernet_triplet import CenterNetTripletDetector
 from kpnet.detectors.centripetalnet import CentripetalNetDetector
 from kpnet.detectors.cornernet import CornerNetDetector
@@ -17,6 +18,7 @@ FAMILIES: dict[str, type[Detector]] = {
     "cornernet": CornerNetDetector,
     "centernet_triplet": CenterNetTripletDetector,
     "centripetalnet": CentripetalNetDetector,
+    "centernet_pose": CenterNetPoseDetector,
 }
 
 

@@ -267,3 +267,58 @@ def segmentation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
     else:
         rle = segmentation
     return mask_utils.decode(rle)
+
+
+
+def pose_targets(
+    boxes: np.ndarray,
+    classes: np.ndarray,
+    keypoints: np.ndarray,
+    num_classes: int,
+    out_hw: tuple[int, int],
+    max_objs: int,
+    radius_mode: str,
+    min_overlap: float,
+) -> dict[str, np.ndarray]:
+    """Multi-person pose targets (objects as points §4.2): the centre targets of `center_targets`, plus per person
+    the joint offsets from its integer centre cell `hps` (max_objs, 2J) and their mask (labelled joints, v > 0,
+    inside the grid), J joint heatmaps `hm_hp` splatted with the person's centre radius, and each joint's sub-cell
+    offset `hp_offset`, flat index `hp_ind` and mask `hp_mask` (max_objs·J). A person with no labelled joint stays a
+    centre positive but trains no size or offset (XZ `datasets/sample/multi_pose.py`: it clears `reg_mask`; its
+    0.9999 centre mark is overwritten by the centre gaussian drawn after it).
+
+    `boxes` (N, 4) and `keypoints` (N, J, 3) x, y, v are in output-grid units, aligned."""
+    out_h, out_w = out_hw
+    joints = keypoints.shape[1]
+    t = center_targets(boxes, classes, num_classes, out_hw, max_objs, radius_mode, min_overlap)
+    t["hps"] = np.zeros((max_objs, 2 * joints), np.float32)
+    t["hps_mask"] = np.zeros((max_objs, 2 * joints), np.float32)
+    t["hm_hp"] = np.zeros((joints, out_h, out_w), np.float32)
+    t["hp_offset"] = np.zeros((max_objs * joints, 2), np.float32)
+    t["hp_ind"] = np.zeros((max_objs * joints,), np.int64)
+    t["hp_mask"] = np.zeros((max_objs * joints,), np.float32)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    k = 0
+    for box, cls, kps in zip(boxes, np.asarray(classes).reshape(-1), keypoints):
+        if k >= max_objs:
+            break
+        x1, x2 = np.clip(box[[0, 2]], 0, out_w - 1)
+        y1, y2 = np.clip(box[[1, 3]], 0, out_h - 1)
+        if x2 - x1 <= 0 or y2 - y1 <= 0:  # dropped by center_targets too: k stays aligned with its rows
+            continue
+        cx, cy = int(t["ind"][k] % out_w), int(t["ind"][k] // out_w)
+        radius = gaussian_radius(math.ceil(y2 - y1), math.ceil(x2 - x1), min_overlap, radius_mode)
+        labelled = kps[:, 2] > 0
+        if not labelled.any():
+            t["reg_mask"][k] = 0
+        for j in np.flatnonzero(labelled & (kps[:, 0] >= 0) & (kps[:, 0] < out_w) & (kps[:, 1] >= 0) & (kps[:, 1] < out_h)):
+            x, y = float(kps[j, 0]), float(kps[j, 1])
+            ix, iy = int(x), int(y)
+            t["hps"][k, 2 * j : 2 * j + 2] = x - cx, y - cy
+            t["hps_mask"][k, 2 * j : 2 * j + 2] = 1
+            t["hp_offset"][k * joints + j] = x - ix, y - iy
+            t["hp_ind"][k * joints + j] = iy * out_w + ix
+            t["hp_mask"][k * joints + j] = 1
+            draw_gaussian(t["hm_hp"][j], ix, iy, radius)
+        k += 1
+    return t

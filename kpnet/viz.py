@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kpnet.config import Recipe
+from kpnet.data.poses import SKELETON
 from kpnet.detectors.base import Detections, Detector
 from kpnet.engine.inference import detect_with_heads
 
@@ -63,10 +64,36 @@ def draw_boxes(
 
 
 def draw_detections(image: np.ndarray, dets: Detections, class_names: Sequence[str]) -> np.ndarray:
-    """Detections as boxes coloured by class, labelled 'name score'."""
+    """Detections as boxes coloured by class, labelled 'name score'; a pose family's joints as skeletons."""
     classes = dets.classes.tolist()
     labels = [f"{class_names[c]} {s:.2f}" for c, s in zip(classes, dets.scores.tolist(), strict=True)]
-    return draw_boxes(image, dets.boxes.numpy(), labels, [class_colour(c) for c in classes])
+    colours = [class_colour(c) for c in classes]
+    out = draw_boxes(image, dets.boxes.numpy(), labels, colours)
+    return out if dets.keypoints is None else draw_skeletons(out, dets.keypoints.numpy(), colours, confidence=True)
+
+
+def draw_skeletons(image: np.ndarray, keypoints: np.ndarray, colours: Sequence[tuple[int, int, int]],
+                   confidence: bool) -> np.ndarray:
+    """COCO's limbs (`SKELETON`) and joints of (N, J, 3) keypoints. With `confidence` the third value is a joint's
+    confidence: its dot fades to grey as it falls (limbs join joints above 0.1); otherwise it is COCO's visibility v:
+    2 a filled dot, 1 (labelled, hidden) a ring, 0 not drawn."""
+    out = image.copy()
+    thick = line_thickness(*out.shape[:2])
+    radius = max(2, 2 * thick)
+    for person, colour in zip(np.asarray(keypoints, np.float64), colours, strict=True):
+        shown = person[:, 2] > (0.1 if confidence else 0)
+        for a, b in SKELETON:
+            if shown[a - 1] and shown[b - 1]:
+                cv2.line(out, tuple(int(round(v)) for v in person[a - 1, :2]),
+                         tuple(int(round(v)) for v in person[b - 1, :2]), colour, thick, cv2.LINE_AA)
+        for (x, y, v), on in zip(person, shown, strict=True):
+            centre = (int(round(x)), int(round(y)))
+            if confidence:
+                c = float(np.clip(v, 0.0, 1.0))
+                cv2.circle(out, centre, radius, tuple(int(c * k + (1 - c) * 128) for k in colour), -1, cv2.LINE_AA)
+            elif on:
+                cv2.circle(out, centre, radius, colour, -1 if v == 2 else thick, cv2.LINE_AA)
+    return out
 
 
 def draw_regions(image: np.ndarray, regions: np.ndarray, centres: np.ndarray, classes: Sequence[int]) -> np.ndarray:
@@ -99,9 +126,12 @@ def draw_masks(image: np.ndarray, masks: np.ndarray, classes: Sequence[int], alp
     return out
 
 
-def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str]) -> np.ndarray:
-    """Ground-truth x1, y1, x2, y2 boxes in GT_COLOUR, labelled with their class names."""
-    return draw_boxes(image, boxes, labels, [GT_COLOUR] * len(labels))
+def draw_ground_truth(image: np.ndarray, boxes: np.ndarray, labels: Sequence[str],
+                      keypoints: np.ndarray | None = None) -> np.ndarray:
+    """Ground-truth x1, y1, x2, y2 boxes in GT_COLOUR, labelled with their class names, and their skeletons when
+    the annotations have COCO keypoints (N, J, 3)."""
+    out = draw_boxes(image, boxes, labels, [GT_COLOUR] * len(labels))
+    return out if keypoints is None else draw_skeletons(out, keypoints, [GT_COLOUR] * len(labels), confidence=False)
 
 
 def heat_to_image(heat: np.ndarray, meta: dict[str, float], down: float) -> np.ndarray:

@@ -16,6 +16,7 @@ from kpnet.cli.common import (DataOpt, DebugOpt, DeviceOpt, JsonOpt, Output, Set
 from kpnet.errors import KpnetError
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+KEYPOINT_AP_KEYS = ("AP", "AP50", "AP75", "APm", "APl")
 
 HELP = (
     "COCO bbox AP with chosen heads replaced by ground truth, in the papers' row order.\n\n"
@@ -24,7 +25,8 @@ HELP = (
     "Rows: the baseline (nothing replaced, equal to `kpnet eval`), then the paper's rows for the recipe's "
     "family, ending with every head replaced -- for centernet_points: wh (size), hm (heatmap), hm+wh, "
     "hm+wh+reg (offset); for cornernet: heatmaps, heatmaps+offsets, all; for centernet_triplet: centre "
-    "keypoints (ct_heat+ct_regr), all. --replace GROUP "
+    "keypoints (ct_heat+ct_regr), all; for centernet_pose (scored by keypoint AP too): centre heatmap, + joint "
+    "offsets (hps), + joint heatmaps (hm_hp+hp_offset), all. --replace GROUP "
     "(heads joined by ',' or '+', repeatable) evaluates those rows instead, after the baseline."
 )
 
@@ -52,15 +54,15 @@ def row_label(replace: tuple[str, ...], paper_rows: tuple[tuple[tuple[str, ...],
     return dict(paper_rows).get(replace, "w/ gt " + "+".join(replace))
 
 
-def _table(doc: dict[str, Any]) -> Table:
+def _table(doc: dict[str, Any], kind: str = "bbox", keys: tuple[str, ...] = AP_KEYS) -> Table:
     table = Table(title=f"{doc['family']} on {doc['split']} ({doc['images']} images): heads replaced by ground truth",
-                  caption="COCO bbox AP in %; - where no object has that size",
+                  caption=f"COCO {kind} AP in %; - where no object has that size",
                   box=box.SIMPLE_HEAD, collapse_padding=True)
     table.add_column("row", no_wrap=True)
-    for key in AP_KEYS:
+    for key in keys:
         table.add_column(key, justify="right", min_width=5, no_wrap=True)
     for row in doc["rows"]:
-        figures = (f"{100 * row['bbox'][k]:.1f}" if row["bbox"][k] >= 0 else "-" for k in AP_KEYS)
+        figures = (f"{100 * row[kind][k]:.1f}" if row[kind][k] >= 0 else "-" for k in keys)
         table.add_row(row["label"], *figures)
     return table
 
@@ -108,8 +110,13 @@ def error_analysis_command(
                 stats = evaluation.stats_dict(evaluation.evaluate(index.coco, dets))
                 doc["rows"].append({"replace": list(row), "label": label,
                                     "bbox": {k: stats[k] for k in AP_KEYS}})
+                if detector.flip_pairs is not None:
+                    kp = evaluation.stats_dict(evaluation.evaluate(index.coco, dets, iou_type="keypoints"))
+                    doc["rows"][-1]["keypoints"] = {k: kp[k] for k in KEYPOINT_AP_KEYS}
                 bar.advance(task)
         o.print(_table(doc))
+        if detector.flip_pairs is not None:
+            o.print(_table(doc, "keypoints", KEYPOINT_AP_KEYS))
         return doc
 
     run(json_out, debug, body)

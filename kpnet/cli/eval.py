@@ -55,16 +55,17 @@ def eval_command(
     out: Annotated[Path | None, typer.Option("--out", help="Write COCO results JSON here (metrics next to it).")] = None,
     gt: Annotated[Path | None, typer.Option("--gt", help="Score an existing results file: ground-truth COCO JSON.")] = None,
     dets: Annotated[Path | None, typer.Option("--dets", help="With --gt: COCO results JSON to score.")] = None,
-    min_ap: Annotated[float | None, typer.Option("--min-ap", help="Exit 1 unless bbox AP (segm AP with --iou-type segm) >= this.")] = None,
+    min_ap: Annotated[float | None, typer.Option("--min-ap", help="Exit 1 unless bbox AP (segm / keypoints AP with --iou-type segm / keypoints) >= this.")] = None,
     iou_type: Annotated[str, typer.Option(
-        "--iou-type", help="auto (bbox, and segm when the results carry masks), bbox or segm.")] = "auto",
+        "--iou-type", help="auto (bbox, and segm / keypoints when the results carry masks / keypoints), bbox, segm "
+                     "or keypoints.")] = "auto",
     fd: Annotated[bool, typer.Option("--fd-rates", help="Add false-discovery rates (triplet paper Tables 1, 3).")] = False,
     plots: Annotated[Path | None, typer.Option("--plots", help="Write precision-recall curves (PNG) into this folder.")] = None,
     device: DeviceOpt = "cpu",
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """COCO AP (bbox; segm for masks) of a checkpoint (RECIPE --checkpoint CKPT) or a results file (--gt ANN --dets RESULTS).
+    """COCO AP (bbox; segm for masks; keypoints for poses) of a checkpoint (RECIPE --checkpoint CKPT) or a results file (--gt ANN --dets RESULTS).
 
     Under torchrun each rank decodes a contiguous shard of the images; rank 0 gathers them in file order,
     writes the results and scores them (the other ranks print nothing).
@@ -99,8 +100,8 @@ def eval_command(
                                                             scales, out, device, onnx is not None)
             coco_dt = evaluation.load_dets(results, coco_gt, source="predictions")
             doc.update(info)
-        types = ["bbox", "segm"] if iou_type == "auto" and evaluation.has_masks(coco_dt) else \
-            ["bbox"] if iou_type == "auto" else [iou_type]
+        types = (["bbox"] + ["segm"] * evaluation.has_masks(coco_dt) + ["keypoints"] * evaluation.has_keypoints(coco_dt)
+                 if iou_type == "auto" else [iou_type])
         evaluated = {kind: evaluation.evaluate(coco_gt, coco_dt, iou_type=kind) for kind in types}
         for kind, cocoeval in evaluated.items():
             doc[kind] = evaluation.stats_dict(cocoeval)

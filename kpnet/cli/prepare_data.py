@@ -1,4 +1,4 @@
-"""`kpnet prepare-data`: make the synthetic `shapes` set, validate or repair a COCO file, and
+"""`kpnet prepare-data`: make the synthetic `shapes` and `poses` sets, validate or repair a COCO file, and
 convert Pascal VOC or YOLO labels to COCO."""
 
 from __future__ import annotations
@@ -58,6 +58,38 @@ def shapes_command(
             o.print(f"{split}: images {result[split]['images_dir']}, annotations {result[split]['annotations']}",
                     markup=False, soft_wrap=True)
         o.print(f"classes: {', '.join(result['classes'])}", markup=False)
+        return result
+
+    run(json_out, debug, body)
+
+
+@sub.command("poses")
+def poses_command(
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder (train/, val/, annotations/).")],
+    num_train: Annotated[int, typer.Option("--num-train", min=0, help="Training images.")] = 2000,
+    num_val: Annotated[int, typer.Option("--num-val", min=0, help="Validation images.")] = 200,
+    image_size: Annotated[int, typer.Option("--image-size", min=64, help="Square image side in pixels.")] = 128,
+    seed: Annotated[int, typer.Option("--seed", min=0, help="Same seed, byte-identical files.")] = 0,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write the synthetic people set (COCO person keypoints): stick figures with the 17 COCO joints, several per
+    image, varied poses and scales, occlusion and truncation."""
+
+    def body(o: Output) -> dict[str, Any]:
+        from kpnet.data.poses import make_poses
+
+        result = make_poses(out_dir, num_train, num_val, image_size, seed)
+        table = Table(title=f"poses -> {out_dir}  ({result['seconds']:.1f} s)")
+        for col in ("split", "images", "people", "labelled joints", "visible joints"):
+            table.add_column(col, justify="left" if col == "split" else "right")
+        for split in ("train", "val"):
+            r = result[split]
+            table.add_row(split, str(r["images"]), str(r["people"]), str(r["labelled_joints"]), str(r["visible_joints"]))
+        o.print(table)
+        for split in ("train", "val"):
+            o.print(f"{split}: images {result[split]['images_dir']}, annotations {result[split]['annotations']}",
+                    markup=False, soft_wrap=True)
         return result
 
     run(json_out, debug, body)

@@ -31,6 +31,7 @@ class Item:
     image_id: int | None
     gt_boxes: np.ndarray | None
     gt_labels: list[str]
+    gt_keypoints: np.ndarray | None = None  # (N, J, 3) COCO keypoints when the annotations have them
 
 
 def newest_checkpoint(runs: Path = Path("runs")) -> Path:
@@ -42,12 +43,15 @@ def newest_checkpoint(runs: Path = Path("runs")) -> Path:
     return found[-1]
 
 
-def _gt_of(coco: Any, image_id: int) -> tuple[np.ndarray, list[str]]:
+def _gt_of(coco: Any, image_id: int) -> tuple[np.ndarray, list[str], np.ndarray | None]:
     anns = [a for a in coco.imgToAnns.get(image_id, []) if a["bbox"][2] > 0 and a["bbox"][3] > 0]
     xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
     boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
     labels = [coco.cats[a["category_id"]]["name"] + (" (crowd)" if a.get("iscrowd") else "") for a in anns]
-    return boxes, labels
+    keypoints = None
+    if anns and all(a.get("keypoints") for a in anns) and len({len(a["keypoints"]) for a in anns}) == 1:
+        keypoints = np.array([a["keypoints"] for a in anns], np.float64).reshape(len(anns), -1, 3)
+    return boxes, labels, keypoints
 
 
 def _parse_ids(texts: list[str], known: set[int]) -> list[int]:
@@ -130,7 +134,7 @@ def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thres
     entry: dict[str, Any] = {"image": str(it.path), "image_id": it.image_id,
                              "size": [int(image.shape[1]), int(image.shape[0])],
                              "gt": None if it.gt_boxes is None else len(it.gt_labels), "files": []}
-    drawn = image if it.gt_boxes is None else viz.draw_ground_truth(image, it.gt_boxes, it.gt_labels)
+    drawn = image if it.gt_boxes is None else viz.draw_ground_truth(image, it.gt_boxes, it.gt_labels, it.gt_keypoints)
     if detector is None:
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_gt.png", drawn)))
         return entry
@@ -141,6 +145,9 @@ def _draw_item(it: Item, out: Path, detector: Any, names: list[str], score_thres
     dets = inference.dets.select(inference.dets.scores >= score_thresh)
     entry["detections"] = [{"bbox": [round(v, 2) for v in box], "score": round(score, 4), "class": cls, "name": names[cls]}
                            for box, score, cls in zip(dets.boxes.tolist(), dets.scores.tolist(), dets.classes.tolist())]
+    if dets.keypoints is not None:  # a pose family: each joint's x, y and confidence
+        for d, joints in zip(entry["detections"], dets.keypoints.tolist()):
+            d["keypoints"] = [[round(x, 2), round(y, 2), round(c, 4)] for x, y, c in joints]
     entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_det.png", viz.draw_detections(drawn, dets, names))))
     for head, overlay in viz.heat_overlays(image, inference, heat_heads).items():
         entry["files"].append(str(atomic_imwrite(out / f"{it.path.stem}_heat_{head}.png", overlay)))

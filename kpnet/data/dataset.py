@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 
 from kpnet.config import Recipe
 from kpnet.data.images import read_image, read_reduced
+from kpnet.data.poses import NUM_JOINTS
 from kpnet.data.transforms import train_augment
 from kpnet.data.validate import coco_index, load_coco_checked
 from kpnet.errors import KpnetError
@@ -52,6 +53,17 @@ class CocoIndex:
     def segmentations(self, image_id: int) -> list[Any]:
         """The `segmentation` of each of `objects(image_id)`, in that order."""
         return [a["segmentation"] for a in self.objects(image_id)]
+
+    def keypoints(self, image_id: int, num_joints: int) -> np.ndarray:
+        """(N, J, 3) COCO keypoints x, y, v of `objects(image_id)` (zeros where an object has none)."""
+        kps = np.zeros((len(anns := self.objects(image_id)), num_joints, 3), np.float32)
+        for k, a in enumerate(anns):
+            if a.get("keypoints"):
+                if len(a["keypoints"]) != 3 * num_joints:
+                    raise KpnetError(self.ann_file, f"annotation id {a.get('id')} (image {image_id}) has "
+                                                    f"{len(a['keypoints']) // 3} keypoints; this model has {num_joints} joints")
+                kps[k] = np.asarray(a["keypoints"], np.float32).reshape(num_joints, 3)
+        return kps
 
     def boxes(self, image_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(N, 4) x1, y1, x2, y2 boxes and (N,) contiguous classes of `objects(image_id)`."""
@@ -152,6 +164,7 @@ class TrainDataset(Dataset):
         border: int = 128,
         crop: str = "centernet",
         encode_masks: Callable[..., dict[str, np.ndarray]] | None = None,
+        flip_pairs: tuple[tuple[int, int], ...] | None = None,
     ) -> None:
         self.index = index
         self.encode = encode
@@ -159,6 +172,7 @@ class TrainDataset(Dataset):
         self.input_size = input_size
         self.aug = dict(scales=scales, flip=flip, color=color, lighting=lighting, border=border, crop=crop)
         self.seed = seed
+        self.flip_pairs = flip_pairs  # a pose family's: keypoints are augmented and encoded with the boxes
 
     def __len__(self) -> int:
         return len(self.index.image_ids)
@@ -173,9 +187,17 @@ class TrainDataset(Dataset):
             return {"error": e.line()}
         boxes, classes = self.index.boxes(image_id)
         rng = np.random.default_rng([self.seed, epoch, i])
-        inp, boxes, matrix = train_augment(rng, image, boxes, self.input_size, **self.aug)
+        kps = None
+        if self.flip_pairs is not None:
+            try:
+                kps = self.index.keypoints(image_id, NUM_JOINTS)
+            except KpnetError as e:
+                return {"error": e.line()}
+        inp, boxes, matrix = train_augment(rng, image, boxes, self.input_size, **self.aug, keypoints=kps,
+                                           flip_pairs=self.flip_pairs or ())
+        targets = self.encode(boxes, classes) if kps is None else self.encode(boxes, classes, keypoints=kps)
         sample = {"image": torch.from_numpy(inp)}
-        sample.update({k: torch.from_numpy(v) for k, v in self.encode(boxes, classes).items()})
+        sample.update({k: torch.from_numpy(v) for k, v in targets.items()})
         if self.encode_masks is not None:
             masks = self.encode_masks(self.index.segmentations(image_id), matrix, image.shape[:2], boxes, classes)
             sample.update({k: torch.from_numpy(v) for k, v in masks.items()})

@@ -10,6 +10,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from kpnet.data.poses import flip_permutation
+
 # OpenCV's own thread pool spins between calls and fights PyTorch's threads for the cores (measured:
 # a CPU training step 5x slower); the data pipeline parallelises over DataLoader workers instead.
 cv2.setNumThreads(1)
@@ -84,6 +86,8 @@ def train_augment(
     lighting: float,
     border: int = 128,
     crop: str = "centernet",
+    keypoints: np.ndarray | None = None,
+    flip_pairs: tuple[tuple[int, int], ...] = (),
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random-scale crop around a random centre, flip, colour, lighting (REFERENCE §5).
 
@@ -91,7 +95,9 @@ def train_augment(
     takes side max(h, w)·s, so the zoom depends on the image size; `crop="cornernet"` (CN/DK
     `random_crop`) takes side int(input_size·s) of the original-resolution image. Returns the
     normalised CHW input, the boxes in input pixels (not yet clipped) and the 2x3 affine that took the
-    boxes there (the flip x -> w - x - 1 included), for anything else annotated on the image.
+    boxes there (the flip x -> w - x - 1 included), for anything else annotated on the image. `keypoints`
+    (N, J, 3) x, y, v, when given, are mapped in place the same way, left and right joints swapped along
+    `flip_pairs` on a flip.
     """
     if crop not in CROP_MODES:
         raise ValueError(f"crop must be one of {CROP_MODES}, got {crop!r}")
@@ -106,8 +112,13 @@ def train_augment(
         image = image[:, ::-1]
         center[0] = w - center[0] - 1
         boxes = np.stack([w - boxes[:, 2] - 1, boxes[:, 1], w - boxes[:, 0] - 1, boxes[:, 3]], axis=1)
+        if keypoints is not None:
+            keypoints[..., 0] = w - keypoints[..., 0] - 1
+            keypoints[:] = keypoints[:, flip_permutation(flip_pairs, keypoints.shape[1])]
     matrix = affine_to_square(center, side, input_size)
     mirror = np.array([[-1, 0, w - 1], [0, 1, 0], [0, 0, 1]], np.float32) if flipped else np.eye(3, dtype=np.float32)
+    if keypoints is not None:
+        keypoints[..., :2] = keypoints[..., :2] * np.diag(matrix[:, :2]) + matrix[:, 2]
     warped = cv2.warpAffine(np.ascontiguousarray(image), matrix, (input_size, input_size), flags=cv2.INTER_LINEAR)
     img = warped.astype(np.float32) / 255.0
     if color > 0:

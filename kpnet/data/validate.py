@@ -249,6 +249,30 @@ def _box_problem(ann: dict[str, Any], image: dict[str, Any] | None) -> Problem |
     return None
 
 
+def _keypoint_problem(ann: dict[str, Any], category: dict[str, Any] | None) -> Problem | None:
+    """COCO person keypoints: x, y, v triples (3 × the category's joint names, 51 for COCO's person), v in {0, 1, 2},
+    and `num_keypoints`, when given, the count of labelled joints (v > 0), which COCOeval's keypoint scoring reads."""
+    kps = ann["keypoints"]
+    aid, iid = ann.get("id"), ann["image_id"]
+    names = category.get("keypoints") if category is not None else None
+    expected = 3 * len(names) if isinstance(names, list) else None
+    if not (isinstance(kps, list) and kps and len(kps) % 3 == 0 and all(is_number(v) for v in kps)):
+        return Problem("bad_value", f"annotation id {aid} (image {iid}) has keypoints that are not x, y, v triples of "
+                                    "finite numbers", aid, iid)
+    if expected is not None and len(kps) != expected:
+        return Problem("bad_value", f"annotation id {aid} (image {iid}) has {len(kps)} keypoint numbers; its category "
+                                    f"names {len(names)} joints, so {expected} are expected", aid, iid)
+    bad_v = next((v for v in kps[2::3] if v not in (0, 1, 2)), None)
+    if bad_v is not None:
+        return Problem("bad_value", f"annotation id {aid} (image {iid}) has keypoint visibility {bad_v!r}, not 0, 1 or 2",
+                       aid, iid)
+    labelled = sum(1 for v in kps[2::3] if v > 0)
+    if "num_keypoints" in ann and ann["num_keypoints"] != labelled:
+        return Problem("bad_value", f"annotation id {aid} (image {iid}) has num_keypoints {ann['num_keypoints']!r} but "
+                                    f"{labelled} labelled keypoints (v > 0)", aid, iid)
+    return None
+
+
 def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str,
            required: Mapping[str, tuple[str, ...]] = REQUIRED_KEYS) -> None:
     """Fill `report` with the problems, counts and classes of a parsed COCO document.
@@ -306,6 +330,8 @@ def _check(doc: Any, report: Report, images_dir: Path | None, image_check: str,
                                            f"unknown category id {ann['category_id']}", aid, iid))
         p = _box_problem(ann, images.get(iid))
         if p is not None:
+            report.problems.append(p)
+        if "keypoints" in ann and (p := _keypoint_problem(ann, categories.get(ann["category_id"]))) is not None:
             report.problems.append(p)
         boxes_per_class[ann["category_id"]] += 1
         images_with_boxes.add(iid)
@@ -371,6 +397,8 @@ def load_coco_checked(ann_path: str | Path, images_dir: str | Path | None, *,
                                    f"--images {root or 'DIR'} --fix OUT` reports them all and repairs what it can")
     for ann in doc["annotations"]:
         ann.setdefault("iscrowd", 0)
+        if "keypoints" in ann:  # COCOeval's keypoint scoring reads it
+            ann.setdefault("num_keypoints", sum(1 for v in ann["keypoints"][2::3] if v > 0))
     renumber_id_zero(doc, ann_path)
     return doc
 
@@ -408,7 +436,8 @@ def _clip_box(box: list[float], width: int, height: int) -> list[float]:
 
 
 def _repair_annotation(index: int, rec: Any, changes: list[Problem]) -> Any:
-    """Fill what `--fix` can supply: an id (renumbered anyway) and an area from a valid box."""
+    """Fill what `--fix` can supply: an id (renumbered anyway), an area from a valid box, and `num_keypoints` counted
+    from the keypoints."""
     if not isinstance(rec, dict):
         return rec
     rec = dict(rec)
@@ -422,6 +451,14 @@ def _repair_annotation(index: int, rec: Any, changes: list[Problem]) -> Any:
         changes.append(Problem("computed_area", f"annotations[{index}] had area {rec.get('area')!r}; "
                                "set to the box area", rec["id"], rec.get("image_id")))
         rec["area"] = float(box[2]) * float(box[3])
+    kps = rec.get("keypoints")
+    if isinstance(kps, list) and len(kps) % 3 == 0 and all(is_number(v) for v in kps) and "num_keypoints" in rec:
+        labelled = sum(1 for v in kps[2::3] if v > 0)
+        if rec["num_keypoints"] != labelled:
+            changes.append(Problem("counted_keypoints", f"annotations[{index}] had num_keypoints "
+                                   f"{rec['num_keypoints']!r}; set to its {labelled} labelled keypoints",
+                                   rec["id"], rec.get("image_id")))
+            rec["num_keypoints"] = labelled
     return rec
 
 

@@ -42,7 +42,8 @@ class Detections:
     multi-scale merge, REFERENCE §4.5) and `centres`: (N, 2) the triplet centre keypoint that validated each
     box (triplet §3.1), or (N, 4) the two centres CentripetalNet decodes from the corners' centripetal shifts
     (tl then br, x, y each; CentripetalNet eq. 1); `masks` (N, 28, 28) instance-mask probabilities on a grid
-    over each box (CentripetalNet §3.3). Coordinates are output-grid units inside `decode`, image pixels after it."""
+    over each box (CentripetalNet §3.3); `keypoints` (N, J, 3) the joints of a pose family (x, y, confidence;
+    objects as points §4.2). Coordinates are output-grid units inside `decode`, image pixels after it."""
 
     boxes: Tensor
     scores: Tensor
@@ -50,6 +51,7 @@ class Detections:
     corner_scores: Tensor | None = None
     centres: Tensor | None = None
     masks: Tensor | None = None
+    keypoints: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
@@ -63,12 +65,17 @@ class Detections:
         return dataclasses.replace(self, **changes)
 
     def to_image(self, meta: dict[str, float], down_x: float, down_y: float) -> Detections:
-        """Boxes (and centres) mapped from the output grid to image pixels, as float32 on the CPU."""
+        """Boxes (and centres, keypoints) mapped from the output grid to image pixels, as float32 on the CPU."""
         cpu = self.to_cpu()
-        return cpu.replace(
+        mapped = cpu.replace(
             boxes=grid_to_image(cpu.boxes.float(), meta, down_x, down_y), scores=cpu.scores.float(),
             centres=None if cpu.centres is None else grid_to_image(cpu.centres.float(), meta, down_x, down_y),
         )
+        if cpu.keypoints is None:
+            return mapped
+        kps = cpu.keypoints.float().clone()
+        kps[..., :2] = grid_to_image(kps[..., :2].reshape(len(kps), -1), meta, down_x, down_y).reshape(kps[..., :2].shape)
+        return mapped.replace(keypoints=kps)
 
     def to_cpu(self) -> Detections:
         return Detections(**{f.name: None if (v := getattr(self, f.name)) is None else v.cpu()
@@ -143,6 +150,8 @@ class Detector(ABC):
     has_central_regions: ClassVar[bool] = False  # whether `central_regions` draws anything (viz --regions)
     export_outputs: ClassVar[tuple[str, ...]] = ()  # the outputs of `export_decode`, in order (empty: no export decode)
     export_meanings: ClassVar[dict[str, str]] = {}  # the sidecar's description of outputs this family reads its own way
+    # (left, right) joint index pairs for a family that trains on keypoints (swapped on a horizontal flip); None: boxes only
+    flip_pairs: ClassVar[tuple[tuple[int, int], ...] | None] = None
 
     def __init__(self, recipe: Recipe, network: nn.Module | None = None) -> None:
         self.recipe = recipe

@@ -41,10 +41,11 @@ class CenterNetPoints(nn.Module):
     def forward(self, images: Tensor) -> list[dict[str, Tensor]]:
         feats = self.backbone(images)
         first = 0 if self.training else len(feats) - 1
-        return [
-            {"hm": self.hm[i](feats[i]), "wh": self.wh[i](feats[i]), "reg": self.reg[i](feats[i])}
-            for i in range(first, len(feats))
-        ]
+        return [self.stack_heads(i, feats[i]) for i in range(first, len(feats))]
+
+    def stack_heads(self, i: int, feat: Tensor) -> dict[str, Tensor]:
+        """The raw heads of stack `i` on its features (a variant adds its own heads here)."""
+        return {"hm": self.hm[i](feat), "wh": self.wh[i](feat), "reg": self.reg[i](feat)}
 
 
 def merged_heads(outputs: dict[str, Tensor], flip: bool) -> dict[str, Tensor]:
@@ -64,6 +65,12 @@ def decode_points(hm: Tensor, wh: Tensor, reg: Tensor, k: int,
     `hm` holds probabilities; a box is (cx + ox ± w/2, cy + oy ± h/2) at each of the top-K peaks; `peaks` is
     `heatmap_peaks` or its graph form `export_peaks`.
     """
+    return decode_centres(hm, wh, reg, k, peaks)[:3]
+
+
+def decode_centres(hm: Tensor, wh: Tensor, reg: Tensor, k: int, peaks: Callable[..., tuple[Tensor, ...]] = heatmap_peaks
+                   ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """`decode_points` plus the integer peak cells ys, xs (B, K) the boxes were read at (REFERENCE §4.3)."""
     scores, classes, ys, xs = peaks(hm, k)
     b = scores.shape[0]
     ind = ys * hm.shape[-1] + xs
@@ -73,7 +80,7 @@ def decode_points(hm: Tensor, wh: Tensor, reg: Tensor, k: int,
     cx = xs.float() + off[:, 0]
     cy = ys.float() + off[:, 1]
     half_w, half_h = size[:, 0] / 2, size[:, 1] / 2
-    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), scores, classes
+    return torch.stack([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dim=-1), scores, classes, ys, xs
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimal
 
     A box decoded with a negative size (possible early in training) is written with size 0. Detections with
     masks also get a `segmentation`: the mask pasted into the image (`image_hw`) at `mask_threshold`, as RLE.
+    A pose family's joints are written as COCO `keypoints` (x, y, confidence per joint; COCOeval reads x and y).
     """
     rnd = (lambda v: round(float(v), decimals)) if decimals >= 0 else float
     masks: list[Any] = [None] * len(dets)
@@ -130,6 +131,9 @@ def to_coco_results(dets: Detections, image_id: int, cat_ids: list[int], decimal
         if mask is not None:
             entry["segmentation"] = mask
         out.append(entry)
+    if dets.keypoints is not None:
+        for entry, joints in zip(out, dets.keypoints.reshape(len(dets), -1).tolist()):
+            entry["keypoints"] = [rnd(v) for v in joints]
     return out
 
 

@@ -245,7 +245,7 @@ def _train(recipe: Recipe, out_dir: Path, device: str, resume: bool, progress: P
         require_segmentations(index.coco.dataset, index.ann_file)
     dataset = TrainDataset(
         index, encode, tr.input_size, a.scales, a.flip, a.color_jitter, a.lighting, tr.seed, a.border, a.crop,
-        encode_masks,
+        encode_masks, flip_pairs=detector.flip_pairs,
     )
     sampler = distributed.MicroBatchSampler(EpochBatchSampler(len(dataset), tr.batch_size, tr.seed, start, end),
                                             split, world.rank)
@@ -407,9 +407,15 @@ def _kept(ckpt_path: Path, saved: int, start: int) -> str:
     return f"{ckpt_path} (iteration {saved}) is kept as the last good checkpoint"
 
 
-def encode_input_boxes(render: TargetRenderer, ratio: float, out_hw: tuple[int, int], boxes: Any, classes: Any) -> dict[str, Any]:
-    """Map augmented input-pixel boxes onto the output grid (× out/inp) and render the family's targets."""
-    return render(boxes * ratio, classes, out_hw=out_hw)
+def encode_input_boxes(render: TargetRenderer, ratio: float, out_hw: tuple[int, int], boxes: Any, classes: Any,
+                       keypoints: Any = None) -> dict[str, Any]:
+    """Map augmented input-pixel boxes (and a pose family's keypoints) onto the output grid (× out/inp) and
+    render the family's targets."""
+    if keypoints is None:
+        return render(boxes * ratio, classes, out_hw=out_hw)
+    keypoints = keypoints.copy()
+    keypoints[..., :2] *= ratio
+    return render(boxes * ratio, classes, out_hw=out_hw, keypoints=keypoints)
 
 
 def _read_history(path: Path, upto: int) -> list[dict[str, Any]]:
