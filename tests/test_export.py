@@ -114,6 +114,9 @@ def rows_found(a, b, index) -> bool:
             same &= (a.corner_scores - b.corner_scores[i]).abs().amax(1) < 1e-5
         if b.centres is not None:  # CentripetalNet's decoded centres
             same &= (a.centres - b.centres[i]).abs().amax(1) < 1e-3
+        if b.keypoints is not None:  # a pose model's joints: x, y within 1e-3, confidence within 1e-5
+            diff = (a.keypoints - b.keypoints[i]).abs()
+            same &= (diff[..., :2].flatten(1).amax(1) < 1e-3) & (diff[..., 2].amax(1) < 1e-5)
         if not same.any():
             return False
     return True
@@ -350,3 +353,46 @@ def test_corrupted_onnx_is_exit_2(exported, shapes_small, tmp_path):
     shutil.copy(exported("quickstart").with_suffix(".json"), tmp_path / "model.json")
     one_error_line(run_cli(*args, "--set", "test.k=50"), "--onnx", "test.k=100")
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_pose_graph_heads_and_decode_equal_kpnets(flip, tmp_path):
+    """The pose family (objects as points §4.2) exports too: raw heads equal PyTorch's and the in-graph decode
+    (centres, joints regressed from them and snapped to the joint-heatmap peaks) equals kpnet's, on two synthetic
+    people images of different sizes, for an untrained small pose model."""
+    from kpnet.config import load_recipe
+    from kpnet.data.poses import make_poses
+    from kpnet.data.transforms import test_input
+    from kpnet.engine.inference import scale_output
+    from kpnet.export.graph import export_onnx
+    from kpnet.export.runtime import OnnxModel
+    from kpnet.models import build_detector
+
+    make_poses(tmp_path / "people", num_train=1, num_val=2, image_size=128, seed=0)
+    files = sorted((tmp_path / "people" / "val").iterdir())
+    images = [cv2.imread(str(files[0])), cv2.resize(cv2.imread(str(files[1])), (150, 100))]
+    torch.manual_seed(0)
+    recipe = load_recipe(REPO / "recipes" / "centernet_pose_small_people.yaml", [f"test.flip={str(flip).lower()}"])
+    detector = build_detector(recipe).eval()
+    with torch.no_grad():  # spread the untrained heatmaps' logits so that peaks and their order are well defined
+        for head in (*detector.network.hm, *detector.network.hm_hp):
+            head[-1].weight.mul_(30.0)
+    export_onnx(detector, tmp_path / "heads.onnx", heads_only=True)
+    export_onnx(detector, tmp_path / "dets.onnx")
+    onnx.checker.check_model(str(tmp_path / "dets.onnx"), full_check=True)
+    session, model = ort.InferenceSession(str(tmp_path / "heads.onnx")), OnnxModel(tmp_path / "dets.onnx")
+    for image in images:
+        inp, _ = test_input(image, 1.0, detector.test.pad, detector.test.pad_add)
+        with torch.no_grad():
+            heads = detector.network(torch.from_numpy(inp)[None])[-1]
+        for head, value in zip(detector.heads, session.run(None, {"images": inp[None]})):
+            assert np.abs(value - heads[head].numpy()).max() < 1e-4, head
+        want = scale_output(detector.network_heads, detector, image, detector.test, 1.0)
+        got = model.scale_output(detector, image, 1.0)
+        a, b = got.detections, want.detections
+        assert b.keypoints.shape[1:] == (17, 3) and len(a) == len(b) == detector.test.k
+        # an untrained heatmap is smooth: a few 3x3 peaks, the other top-K rows score 0 (non-peaks); every peak
+        # row must be found on the other side (order may differ)
+        peaks_a, peaks_b = (torch.nonzero(x.scores > 1e-6)[:, 0] for x in (a, b))
+        assert len(peaks_a) == len(peaks_b) >= 3 and rows_found(a, b, peaks_b) and rows_found(b, a, peaks_a)
+        assert (b.keypoints[..., 2] > detector.test.joint_threshold).any()  # some joints snapped to a peak

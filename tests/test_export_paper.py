@@ -16,7 +16,7 @@ ort = pytest.importorskip("onnxruntime")
 
 PAPER = ("cornernet_hg104", "centernet_triplet_hg104", "centernet_triplet_hg52", "centernet_points_res18",
          "centernet_points_res101", "centernet_points_dla34", "centernet_points_hg104", "centripetalnet_hg104",
-         "centripetalnet_hg104_mask")
+         "centripetalnet_hg104_mask", "centernet_pose_dla34", "centernet_pose_hg104")
 
 
 @pytest.mark.slow

@@ -12,7 +12,9 @@ and its x offsets negated; reg and hp_offset from the original only.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from kpnet.config import ModelConfig, Recipe
 from kpnet.data.poses import FLIP_PAIRS, NUM_JOINTS, flip_permutation
 from kpnet.detectors.base import Detections, ScaleOutput, TargetRenderer
 from kpnet.detectors.centernet_points import CenterNetPoints, CenterNetPointsDetector, decode_centres, merged_heads
-from kpnet.export.decode import flip_halves
+from kpnet.export.decode import export_peaks, flip_halves, to_input_pixels
 from kpnet.layers import HEAT_BIAS, kp_head
 from kpnet.losses import focal_loss, heat_sigmoid, reg_l1_loss, reg_weighted_l1_loss
 from kpnet.ops import heatmap_peaks
@@ -69,11 +71,12 @@ def _at_cells(heat: Tensor, xy: Tensor) -> Tensor:
     return heat.reshape(b, j, -1).gather(2, (iy * w + ix).permute(0, 2, 1)).permute(0, 2, 1)
 
 
-def joint_peaks(hm_hp: Tensor, hp_offset: Tensor, k: int) -> tuple[Tensor, Tensor]:
+def joint_peaks(hm_hp: Tensor, hp_offset: Tensor, k: int, peaks: Callable[..., tuple[Tensor, ...]] = heatmap_peaks
+                ) -> tuple[Tensor, Tensor]:
     """The top-K 3x3 peaks of each joint heatmap, shifted by their sub-cell offset (§4.2): positions (B, J, K, 2)
     and scores (B, J, K)."""
     b, j, h, w = hm_hp.shape
-    scores, _, ys, xs = heatmap_peaks(hm_hp.reshape(b * j, 1, h, w), k)
+    scores, _, ys, xs = peaks(hm_hp.reshape(b * j, 1, h, w), k)
     idx = (ys * w + xs).reshape(b, 1, -1).expand(-1, 2, -1)
     off = hp_offset.reshape(b, 2, -1).gather(2, idx).reshape(b, 2, j, -1)
     xy = torch.stack([xs.reshape(b, j, -1).float() + off[:, 0], ys.reshape(b, j, -1).float() + off[:, 1]], -1)
@@ -109,10 +112,11 @@ class PoseDecoding:
     snap_distance: float
 
 
-def decode_pose(heads: dict[str, Tensor], d: PoseDecoding) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def decode_pose(heads: dict[str, Tensor], d: PoseDecoding, peaks: Callable[..., tuple[Tensor, ...]] = heatmap_peaks
+                ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Merged heads -> boxes (B, K, 4), scores, classes (B, K) and joints (B, K, J, 3: x, y, confidence) in
     output-grid units: joints = integer centre + regressed offsets, then snapped (§4.2)."""
-    boxes, scores, classes, ys, xs = decode_centres(heads["hm"], heads["wh"], heads["reg"], d.k)
+    boxes, scores, classes, ys, xs = decode_centres(heads["hm"], heads["wh"], heads["reg"], d.k, peaks)
     b, k = scores.shape
     j = heads["hm_hp"].shape[1]
     idx = (ys * heads["hm"].shape[-1] + xs).unsqueeze(1).expand(-1, 2 * j, -1)
@@ -120,8 +124,8 @@ def decode_pose(heads: dict[str, Tensor], d: PoseDecoding) -> tuple[Tensor, Tens
     joints = offsets + torch.stack([xs, ys], -1).to(offsets.dtype)[:, :, None, :]
     confidence = _at_cells(heads["hm_hp"], joints)
     if d.snap:
-        peaks, peak_scores = joint_peaks(heads["hm_hp"], heads["hp_offset"], d.k)
-        joints, confidence = snap_joints(joints, confidence, boxes, peaks, peak_scores, d.threshold, d.snap_distance)
+        found, found_scores = joint_peaks(heads["hm_hp"], heads["hp_offset"], d.k, peaks)
+        joints, confidence = snap_joints(joints, confidence, boxes, found, found_scores, d.threshold, d.snap_distance)
     return boxes, scores, classes, torch.cat([joints, confidence[..., None]], -1)
 
 
@@ -130,7 +134,8 @@ class CenterNetPoseDetector(CenterNetPointsDetector):
 
     heads = ("hm", "wh", "reg", "hps", "hm_hp", "hp_offset")
     heat_heads = ("hm", "hm_hp")
-    export_outputs = ()  # no export decode yet: `kpnet export --heads-only`
+    export_outputs = ("boxes", "scores", "classes", "keypoints")
+    export_meanings = {"keypoints": "(N, D, 17, 3) each person's COCO joints: x, y in input pixels, confidence"}
     flip_pairs = FLIP_PAIRS
     error_rows = (  # objects as points Table 7's replacement for pose: centre heatmap, then the joints' heads
         (("hm",), "w/ gt centre heatmap"),
@@ -171,6 +176,19 @@ class CenterNetPoseDetector(CenterNetPointsDetector):
         """The top-K people of one image with their joints; under flip the heads are averaged first."""
         boxes, scores, classes, joints = decode_pose(merged_pose_heads(outputs, flip, self.flip_order), self.decoding)
         return ScaleOutput(Detections(boxes[0], scores[0], classes[0], keypoints=joints[0]))
+
+    def export_decode(self, outputs: dict[str, Tensor], flip: bool, down: tuple[Any, Any]) -> dict[str, Tensor]:
+        """`decode` in graph form for a batch: the top-K people and their snapped joints, coordinates in input pixels."""
+        merged = merged_pose_heads(outputs, flip, self.flip_order)
+        boxes, scores, classes, joints = decode_pose(merged, self.decoding, export_peaks)
+        xy = to_input_pixels(joints[..., :2].flatten(-2), down).unflatten(-1, (joints.shape[-2], 2))
+        return {"boxes": to_input_pixels(boxes, down), "scores": scores, "classes": classes,
+                "keypoints": torch.cat([xy, joints[..., 2:]], -1)}
+
+    def export_scale_output(self, outputs: dict[str, Tensor]) -> ScaleOutput:
+        """One image's people with their joints, as `decode` returns them (input pixels)."""
+        return ScaleOutput(Detections(outputs["boxes"], outputs["scores"], outputs["classes"],
+                                      keypoints=outputs["keypoints"]))
 
     def gt_heads(self, boxes: np.ndarray, classes: np.ndarray, out_hw: tuple[int, int],
                  keypoints: np.ndarray | None = None) -> dict[str, Tensor]:
