@@ -35,8 +35,9 @@ def test_all_ground_truth_on_the_whole_val_set(people_val: Path) -> None:
 
 @pytest.mark.training
 def test_small_pose_recipe_trains_to_keypoint_ap(tmp_path: Path) -> None:
-    """README "Pose": the CPU recipe trains in <= 15 min on 2 cores; measured keypoint AP 0.286 and bbox AP 0.628 on
-    synthetic val (the issue's goal of keypoint AP 0.5 is not reached; the bounds leave room for CPU differences)."""
+    """README "Pose": the CPU recipe trains in <= 15 min on 2 cores (measured 601 s under load) to keypoint AP 0.556
+    and bbox AP 0.632 on synthetic val (the issue's goal: keypoint AP >= 0.5); the bounds leave room for CPU
+    differences and run-to-run spread (the same network at 22 epochs: 0.541)."""
     data, run = tmp_path / "poses", tmp_path / "run"
     proc = run_cli("prepare-data", "poses", "--out", str(data), "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -47,5 +48,5 @@ def test_small_pose_recipe_trains_to_keypoint_ap(tmp_path: Path) -> None:
     proc = run_cli("eval", recipe, "--checkpoint", str(run / "last.pt"), "--set", f"data.root={data}", "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = parse_json_stdout(proc)
-    assert doc["keypoints"]["AP"] >= 0.25, json.dumps(doc["keypoints"])
+    assert doc["keypoints"]["AP"] >= 0.45, json.dumps(doc["keypoints"])
     assert doc["bbox"]["AP"] >= 0.55, json.dumps(doc["bbox"])
