@@ -158,8 +158,8 @@ def test_flip_swaps_left_and_right_joints_through_augmentation(people: Path) -> 
     out = {}
     for flip in (0.0, 1.0):
         kps = original.copy()
-        inp, _ = train_augment(np.random.default_rng(7), image, boxes, 128, (1.0,), flip, 0.0, 0.0, 32,
-                               keypoints=kps, flip_pairs=FLIP_PAIRS)
+        inp, _, _ = train_augment(np.random.default_rng(7), image, boxes, 128, (1.0,), flip, 0.0, 0.0, 32,
+                                  keypoints=kps, flip_pairs=FLIP_PAIRS)
         out[flip] = (inp, kps)
     (plain, kp), (flipped, kf) = out[0.0], out[1.0]
     # the same crop, mirrored about x -> W - x - 1 (the reference flip of boxes, REFERENCE §5): a column apart
