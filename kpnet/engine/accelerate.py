@@ -1,0 +1,120 @@
+"""The inference engine: the network as the test pipeline runs it (docs/architecture.md, "Data flows").
+
+`inference_network(detector)` is the one place a network is prepared for inference: an eval-mode copy with
+batch norm folded into the convolutions (kpnet.engine.fuse), channels-last weights and inputs, run under
+`torch.inference_mode`, in the precision `test.precision` resolves to (autocast), optionally compiled
+(`test.compile`); heads come back as contiguous float32. The copy is rebuilt when the network's weights,
+device or the test settings change, so training and checkpoints only ever see the network itself.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.ops import DeformConv2d
+
+from kpnet.config import TestConfig
+from kpnet.data.transforms import test_input
+from kpnet.engine.fuse import fold_batch_norm
+from kpnet.errors import KpnetError
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the engine does to a network on a device: the autocast precision, whether it compiles, and why."""
+
+    precision: str  # fp32 | bf16 | fp16
+    compile: bool
+    reason: str
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast can pay."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
+
+
+def plan(test: TestConfig, device: torch.device) -> Plan:
+    """Resolve `test.precision` and `test.compile` for `device` (the `auto` rules are the measured ones,
+    benchmarks/inference.py): bf16 on a CPU with native bf16 and on CUDA with bf16, fp32 otherwise;
+    no compilation unless asked for."""
+    precision, why = test.precision, f"test.precision={test.precision}"
+    if precision == "auto":
+        if device.type == "cuda":
+            precision, why = ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
+        elif device.type == "cpu" and native_bf16_cpu():
+            precision, why = "bf16", "CPU with native bf16 (AVX512-BF16/AMX)"
+        else:
+            precision, why = "fp32", f"{device.type} without native bf16"
+    compile_on = test.compile == "on"
+    return Plan(precision, compile_on, f"{why}; compile {'on' if compile_on else 'off'} (test.compile={test.compile})")
+
+
+class InferenceNetwork:
+    """A network prepared for inference (BN folded, channels-last, autocast, optionally compiled): call it on
+    a batch, get the network's eval outputs with every tensor contiguous float32 (normal tensors, not
+    inference tensors, so the decode may work on them in place)."""
+
+    def __init__(self, network: nn.Module, probe: Tensor, plan: Plan) -> None:
+        self.plan = plan
+        self.device = probe.device
+        folded, self.folded = fold_batch_norm(network, probe)
+        folded = folded.to(memory_format=torch.channels_last)
+        for module in folded.modules():
+            if isinstance(module, DeformConv2d):  # torchvision's CPU kernel has no bf16 / fp16: it runs in fp32
+                module.register_forward_pre_hook(_float32_inputs)
+        for p in folded.parameters():
+            p.requires_grad_(False)
+        self.network: Any = torch.compile(folded, dynamic=True) if plan.compile else folded
+
+    def __call__(self, batch: Tensor) -> Any:
+        batch = batch.to(self.device).contiguous(memory_format=torch.channels_last)
+        dtype = DTYPES[self.plan.precision]
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            try:
+                outputs = self.network(batch)
+            except Exception as e:
+                if not self.plan.compile:
+                    raise
+                raise KpnetError("test.compile", f"torch.compile failed ({type(e).__name__}: {e}); set test.compile=off") from e
+        return _to_float32(outputs)
+
+
+def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _to_float32(value: Any) -> Any:
+    """Network outputs as fresh contiguous float32 tensors (same nesting)."""
+    if isinstance(value, Tensor):
+        return value.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    return value
+
+
+_PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceNetwork]] = weakref.WeakKeyDictionary()
+
+
+def inference_network(network: nn.Module, test: TestConfig) -> InferenceNetwork:
+    """The prepared copy of `network` for `test`'s settings, rebuilt when its weights, device or the settings changed."""
+    tensors = [*network.parameters(), *network.buffers()]
+    device = tensors[0].device
+    key = (device, test.precision, test.compile, tuple((t.data_ptr(), t._version) for t in tensors))
+    cached = _PREPARED.get(network)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    image = np.zeros((96, 96, 3), np.uint8)  # a small valid input for every backbone under the recipe's padding
+    probe = torch.from_numpy(test_input(image, 1.0, test.pad, test.pad_add)[0])[None].to(device)
+    prepared = InferenceNetwork(network, probe, plan(test, device))
+    _PREPARED[network] = (key, prepared)
+    return prepared
