@@ -5,7 +5,8 @@
 
 Both paths run the recipe's own test settings (its flip test, K, padding) on the same 511×511 image, which the
 recipes pad to the papers' inputs (512² for objects as points, 511² for the corner families); weights are
-untrained (speed does not depend on them). Per image, in milliseconds (medians over the repeats, the two
+untrained (speed does not depend on them) but for random heatmap output layers, so an image gives spread peaks
+and a full NMS load (the untrained bias makes every heatmap nearly constant). Per image, in milliseconds (medians over the repeats, the two
 paths interleaved so a busy machine slows both alike):
 
 - pre: resize, pad, normalise (`test_input`) and the flip batch;
@@ -65,8 +66,8 @@ def kernels(mode: str | None) -> Iterator[None]:
             os.environ[dispatch.KERNELS_ENV] = old
 
 
-def one_image(detector, forward: Callable, image: np.ndarray, times: dict[str, list[float]]) -> None:
-    """One image through the test pipeline (single scale), each phase timed into `times`."""
+def one_image(detector, forward: Callable, image: np.ndarray, times: dict[str, list[float]]) -> int:
+    """One image through the test pipeline (single scale), each phase timed into `times`; its number of detections."""
     test = detector.test
     t0 = time.perf_counter()
     inp, meta = test_input(image, 1.0, test.pad, test.pad_add)
@@ -78,10 +79,11 @@ def one_image(detector, forward: Callable, image: np.ndarray, times: dict[str, l
     t2 = time.perf_counter()
     scale = decode(detector, outputs, inp.shape, meta)
     t3 = time.perf_counter()
-    postprocess_image(detector, [scale], test)
+    dets = postprocess_image(detector, [scale], test)
     t4 = time.perf_counter()
     for phase, dt in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
         times[phase].append(dt * 1000)
+    return len(dets)
 
 
 def decode(detector, outputs: dict, inp_shape: tuple, meta: dict):
@@ -105,10 +107,21 @@ def batch_rate(detector, forward: Callable, image: np.ndarray, size: int) -> flo
     return size / (time.perf_counter() - start)
 
 
+def spread_heads(network: torch.nn.Module, num_classes: int) -> None:
+    """Random weights (std 0.1) for the convolutions that output class heatmaps: an untrained network's heatmaps
+    are nearly constant (the focal-loss bias), so its peaks, pairs and NMS load would not be an image's."""
+    generator = torch.Generator().manual_seed(0)
+    for module in network.modules():
+        if isinstance(module, torch.nn.Conv2d) and module.out_channels == num_classes:
+            with torch.no_grad():
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * 0.1)
+
+
 def bench(name: str, args: argparse.Namespace, image: np.ndarray) -> tuple[float, float | None]:
     overrides = {"test.precision": args.precision, "test.compile": args.compile}
     detector = build_detector(load_recipe(SHIPPED_RECIPES / f"{NETWORKS[name]}.yaml", overrides)).eval()
     network = detector.network
+    spread_heads(network, detector.recipe.model.num_classes)
 
     def eager(batch: torch.Tensor) -> dict:
         with torch.no_grad():
@@ -123,10 +136,11 @@ def bench(name: str, args: argparse.Namespace, image: np.ndarray) -> tuple[float
 
     paths = {"eager": (eager, "torch"), "engine": (engine, None)}
     times = {p: {phase: [] for phase in PHASES} for p in paths}
+    counts = {}
     for _ in range(args.repeats + 1):  # the first round warms both paths up and is dropped
         for p, (forward, mode) in paths.items():
             with kernels(mode):
-                one_image(detector, forward, image, times[p])
+                counts[p] = one_image(detector, forward, image, times[p])
     med = {p: {ph: statistics.median(v[1:]) for ph, v in t.items()} for p, t in times.items()}
     total = {p: sum(m.values()) for p, m in med.items()}
     ratio = total["eager"] / total["engine"]
@@ -137,6 +151,7 @@ def bench(name: str, args: argparse.Namespace, image: np.ndarray) -> tuple[float
     for p in paths:
         cells = "  ".join(f"{ph} {med[p][ph]:8.1f}" for ph in PHASES)
         print(f"  {p:6s} ms/image: {cells}  total {total[p]:8.1f}")
+    print(f"  detections per image: eager {counts['eager']}, engine {counts['engine']}")
     print(f"  ratio eager/engine: " + "  ".join(f"{ph} {med['eager'][ph] / med['engine'][ph]:.2f}×" for ph in PHASES)
           + f"  total {ratio:.2f}×")
     batch_ratio = None

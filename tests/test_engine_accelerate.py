@@ -148,6 +148,7 @@ def test_precision_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(accelerate, "native_bf16_cpu", lambda: True)
     plan = accelerate.plan(test, cpu)
     assert plan.precision == "bf16" and not plan.compile and "native bf16" in plan.reason
+    assert accelerate.plan(test, cpu, deformable=True).precision == "fp32"
     assert accelerate.plan(recipe_from_dict({"test": {"precision": "fp32"}}).test, cpu).precision == "fp32"
 
 

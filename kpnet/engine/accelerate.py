@@ -41,16 +41,18 @@ def native_bf16_cpu() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def plan(test: TestConfig, device: torch.device) -> Plan:
-    """Resolve `test.precision` and `test.compile` for `device` (the `auto` rules are the measured ones,
-    benchmarks/inference.py): bf16 on a CPU with native bf16 and on CUDA with bf16, fp32 otherwise;
-    no compilation unless asked for."""
+def plan(test: TestConfig, device: torch.device, deformable: bool = False) -> Plan:
+    """Resolve `test.precision` and `test.compile` for `device` and a network with (`deformable`) or without
+    deformable convolutions. The `auto` rules are the measured ones (benchmarks/inference.py): on a CPU with native
+    bf16, bf16 for networks without deformable convolutions (torchvision's CPU kernel has no bf16: the casts around
+    it cost more than bf16 saves), fp32 otherwise; bf16 on CUDA where supported, else fp16; no compilation."""
     precision, why = test.precision, f"test.precision={test.precision}"
     if precision == "auto":
         if device.type == "cuda":
             precision, why = ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
         elif device.type == "cpu" and native_bf16_cpu():
-            precision, why = "bf16", "CPU with native bf16 (AVX512-BF16/AMX)"
+            precision, why = ("fp32", "CPU with native bf16, but deformable convolutions run in fp32 on CPU") if deformable \
+                else ("bf16", "CPU with native bf16 (AVX512-BF16/AMX)")
         else:
             precision, why = "fp32", f"{device.type} without native bf16"
     compile_on = test.compile == "on"
@@ -115,6 +117,7 @@ def inference_network(network: nn.Module, test: TestConfig) -> InferenceNetwork:
         return cached[1]
     image = np.zeros((96, 96, 3), np.uint8)  # a small valid input for every backbone under the recipe's padding
     probe = torch.from_numpy(test_input(image, 1.0, test.pad, test.pad_add)[0])[None].to(device)
-    prepared = InferenceNetwork(network, probe, plan(test, device))
+    deformable = any(isinstance(m, DeformConv2d) for m in network.modules())
+    prepared = InferenceNetwork(network, probe, plan(test, device, deformable))
     _PREPARED[network] = (key, prepared)
     return prepared
