@@ -10,8 +10,9 @@ from rich.table import Table
 
 from kpnet import __version__
 from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
+from kpnet.config import TestConfig
 from kpnet.cuda import dispatch, emulator
-from kpnet.engine import host_memory
+from kpnet.engine import accelerate, host_memory
 from kpnet.errors import KpnetError
 
 OPS = ("corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge")
@@ -40,6 +41,10 @@ def _body(out: Output) -> dict[str, Any]:
     out.print("float16/bfloat16 pooling and float32 decoding have kernels; other dtypes use the PyTorch reference.")
     memory = host_memory.policy()
     out.print(f"host memory: {memory.reason}")
+    engine = accelerate.plan(TestConfig(), torch.device("cpu"))
+    deformable = accelerate.plan(TestConfig(), torch.device("cpu"), deformable=True)
+    out.print(f"inference engine on CPU (test.precision / test.compile auto): {engine.precision} "
+              f"({deformable.precision} for networks with deformable convolutions); {engine.reason}")
     return {
         "kernels_env": dispatch.mode(),
         "torch": torch.__version__,
@@ -47,6 +52,8 @@ def _body(out: Output) -> dict[str, Any]:
         "cupy": {"usable": cupy_ok, "reason": cupy_why},
         "emulator": {"usable": emu_ok, "reason": emu_why, "cache_dir": str(emulator.cache_dir())},
         "host_memory": {"reuse_freed": memory.reuse, "reason": memory.reason},
+        "inference_engine_cpu": {"precision": engine.precision, "precision_deformable": deformable.precision,
+                                 "compile": engine.compile, "reason": engine.reason},
         "ops": rows,
     }
 
