@@ -126,7 +126,7 @@ def test_engine_follows_weight_changes_and_leaves_training_mode_alone() -> None:
     torch.manual_seed(0)
     recipe = kpnet.load_recipe(REPO / "recipes" / "cornernet_small_shapes.yaml", {"test.precision": "fp32"})
     detector = kpnet.build_detector(recipe).eval()
-    batch = torch.randn(1, 3, 64, 64)
+    batch = torch.randn(2, 3, 64, 64)
     first = detector.network_heads(batch, {})["tl_heat"]
     assert accelerate.inference_network(detector.network, detector.test) is accelerate.inference_network(
         detector.network, detector.test)
@@ -137,6 +137,10 @@ def test_engine_follows_weight_changes_and_leaves_training_mode_alone() -> None:
     assert torch.allclose(second, want, atol=1e-4) and not torch.allclose(first, second)
     detector.network.train()
     assert detector.network_heads(batch, {})["tl_heat"].requires_grad
+    eager = type(detector)(kpnet.load_recipe(REPO / "recipes" / "cornernet_small_shapes.yaml", {"test.engine": False}),
+                           detector.network).eval()
+    with torch.no_grad():
+        assert torch.equal(eager.network_heads(batch, {})["tl_heat"], detector.network(batch)[-1]["tl_heat"])
 
 
 def test_precision_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -224,7 +224,8 @@ class Detector(ABC):
 
     def network_heads(self, batch: Tensor, meta: dict[str, float]) -> dict[str, Tensor]:
         """The usual head source of the test pipeline: the last stack's outputs for a batch, in eval mode through
-        the inference engine (`kpnet.engine.accelerate`: a BN-folded copy, channels-last, `test.precision`)."""
-        if self.network.training:
+        the inference engine (`kpnet.engine.accelerate`: a BN-folded copy, channels-last, `test.precision`) unless
+        `test.engine` is off."""
+        if self.network.training or not self.test.engine:
             return self.network(batch.to(self.device))[-1]
         return inference_network(self.network, self.test)(batch)[-1]
