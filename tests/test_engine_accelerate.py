@@ -8,6 +8,7 @@ import cv2
 import pytest
 import torch
 from torch import nn
+from torchvision.ops import DeformConv2d
 
 import kpnet
 from conftest import REPO
@@ -93,6 +94,7 @@ def eager_detections(detector: kpnet.Detector, image) -> kpnet.Detections:
 @pytest.mark.parametrize(("recipe", "extra"), [
     ("cornernet_small_shapes", {}),
     ("quickstart", {}),
+    ("quickstart", {"model.deformable": True}),  # DCNv2 up-convolutions: the engine's SampledDeformConv
 ])
 def test_engine_fp32_gives_the_eager_detections(recipe: str, extra: dict, shapes_small: Path) -> None:
     torch.manual_seed(0)
@@ -161,3 +163,25 @@ def test_compile_switch_reads_yaml_on_off_and_rejects_other_values() -> None:
     assert recipe_from_dict({"test": {"compile": True}}).test.compile == "on"
     with pytest.raises(KpnetError, match="test.precision.*fp32"):
         recipe_from_dict({"test": {"precision": "fp33"}})
+
+
+@pytest.mark.parametrize(("stride", "padding", "dilation", "bias", "modulated"),
+                         [(1, 1, 1, True, True), (1, 1, 1, False, False), (2, 2, 2, True, True)])
+def test_sampled_deformable_convolution_equals_torchvision(stride: int, padding: int, dilation: int, bias: bool,
+                                                            modulated: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    conv = DeformConv2d(5, 7, 3, stride=stride, padding=padding, dilation=dilation, bias=bias).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(conv.weight.shape, generator=g))
+        if bias:
+            conv.bias.copy_(torch.randn(7, generator=g))
+    x = torch.randn(2, 5, 11, 13, generator=g)
+    ho, wo = (11 + 2 * padding - 2 * dilation - 1) // stride + 1, (13 + 2 * padding - 2 * dilation - 1) // stride + 1
+    offset = torch.randn(2, 18, ho, wo, generator=g) * 4  # many taps land outside the input, some on its border
+    offset[0, :, 0, 0] = torch.tensor([-1.0, 0.0] * 9)
+    mask = torch.rand(2, 9, ho, wo, generator=g) if modulated else None
+    with torch.no_grad():
+        want = conv(x, offset, mask)
+        got = accelerate.SampledDeformConv(conv)(x, offset, mask)
+    assert got.shape == want.shape
+    assert ((got - want).abs().max() / want.abs().max()).item() < 1e-5

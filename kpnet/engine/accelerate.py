@@ -1,7 +1,8 @@
 """The inference engine: the network as the test pipeline runs it (docs/architecture.md, "Data flows").
 
 `inference_network(detector)` is the one place a network is prepared for inference: an eval-mode copy with
-batch norm folded into the convolutions (kpnet.engine.fuse), channels-last weights and inputs, run under
+batch norm folded into the convolutions (kpnet.engine.fuse), deformable convolutions as sampling + one matrix
+product (`SampledDeformConv`), channels-last weights and inputs, run under
 `torch.inference_mode`, in the precision `test.precision` resolves to (autocast), optionally compiled
 (`test.compile`); heads come back as contiguous float32. The copy is rebuilt when the network's weights,
 device or the test settings change, so training and checkpoints only ever see the network itself.
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
@@ -69,9 +71,12 @@ class InferenceNetwork:
         self.device = probe.device
         folded, self.folded = fold_batch_norm(network, probe)
         folded = folded.to(memory_format=torch.channels_last)
-        for module in folded.modules():
-            if isinstance(module, DeformConv2d):  # torchvision's CPU kernel has no bf16 / fp16: it runs in fp32
-                module.register_forward_pre_hook(_float32_inputs)
+        for parent in list(folded.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, DeformConv2d):  # in fp32, as torchvision's CPU kernel (no bf16 / fp16) would
+                    sampled = SampledDeformConv(child)
+                    sampled.register_forward_pre_hook(_float32_inputs)
+                    setattr(parent, name, sampled)
         for p in folded.parameters():
             p.requires_grad_(False)
         self.network: Any = torch.compile(folded, dynamic=True) if plan.compile else folded
@@ -87,6 +92,44 @@ class InferenceNetwork:
                     raise
                 raise KpnetError("test.compile", f"torch.compile failed ({type(e).__name__}: {e}); set test.compile=off") from e
         return _to_float32(outputs)
+
+
+class SampledDeformConv(nn.Module):
+    """A DeformConv2d (DCNv1/v2; Dai et al. 2017, Zhu et al. 2019) computed as bilinear sampling then one matrix
+    product: each kernel tap's deformed positions are sampled with `grid_sample` (zero outside the input, as
+    torchvision's kernel), weighted by the modulation mask, and contracted with the weights. The same values up to
+    float rounding, on PyTorch's threaded, vectorised ops (torchvision's CPU kernel measured slower,
+    benchmarks/inference.py). Shapes it does not cover (groups, several offset groups, a side of 1) use the module."""
+
+    def __init__(self, conv: DeformConv2d) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: Tensor, offset: Tensor, mask: Tensor | None = None) -> Tensor:
+        conv = self.conv
+        (kh, kw), taps = conv.kernel_size, conv.kernel_size[0] * conv.kernel_size[1]
+        n, c, h, w = x.shape
+        ho, wo = offset.shape[-2:]
+        if conv.groups != 1 or offset.shape[1] != 2 * taps or h < 2 or w < 2:
+            return conv(x, offset, mask)
+        (sh, sw), (ph, pw), (dh, dw) = conv.stride, conv.padding, conv.dilation
+        iy = torch.arange(kh, device=x.device).repeat_interleave(kw) * dh  # tap t = i·kw + j
+        ix = torch.arange(kw, device=x.device).repeat(kh) * dw
+        base_y = (torch.arange(ho, device=x.device) * sh - ph)[None, :, None] + iy[:, None, None]  # (taps, ho, 1)
+        base_x = (torch.arange(wo, device=x.device) * sw - pw)[None, None, :] + ix[:, None, None]  # (taps, 1, wo)
+        off = offset.view(n, taps, 2, ho, wo).float()  # per tap (dy, dx), torchvision's layout
+        ys = (base_y + off[:, :, 0]) * (2.0 / (h - 1)) - 1.0
+        xs = (base_x + off[:, :, 1]) * (2.0 / (w - 1)) - 1.0
+        grid = torch.stack([xs, ys], dim=-1).view(n, taps * ho, wo, 2).to(x.dtype)
+        sampled = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+        sampled = sampled.view(n, c, taps, ho, wo)
+        if mask is not None:
+            sampled = sampled * mask.view(n, 1, taps, ho, wo).to(sampled.dtype)
+        weight = conv.weight.reshape(conv.out_channels, c * taps).to(sampled.dtype)
+        out = torch.matmul(weight, sampled.reshape(n, c * taps, ho * wo))
+        if conv.bias is not None:
+            out = out + conv.bias.to(out.dtype)[None, :, None]
+        return out.view(n, conv.out_channels, ho, wo)
 
 
 def _float32_inputs(module: nn.Module, args: tuple) -> tuple:
