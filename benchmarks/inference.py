@@ -36,7 +36,7 @@ from kpnet.api import build_detector, load_recipe
 from kpnet.config import SHIPPED_RECIPES
 from kpnet.cuda import dispatch
 from kpnet.data.transforms import test_input
-from kpnet.engine.accelerate import inference_network, plan
+from kpnet.engine.accelerate import inference_network, native_bf16_cpu
 from kpnet.engine.inference import postprocess_image
 
 NETWORKS = {
@@ -128,11 +128,11 @@ def bench(name: str, args: argparse.Namespace, image: np.ndarray) -> tuple[float
             return network(batch)[-1]
 
     start = time.perf_counter()
-    engine_net = inference_network(network, detector.test)
+    engine_net = inference_network(network, detector.recipe)
     prepare_s = time.perf_counter() - start
 
     def engine(batch: torch.Tensor) -> dict:
-        return inference_network(network, detector.test)(batch)[-1]
+        return inference_network(network, detector.recipe)(batch)[-1]
 
     paths = {"eager": (eager, "torch"), "engine": (engine, None)}
     times = {p: {phase: [] for phase in PHASES} for p in paths}
@@ -182,11 +182,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     image = np.random.default_rng(0).integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)
-    cpu_plan = plan(load_recipe(SHIPPED_RECIPES / "cornernet_hg104.yaml",
-                                {"test.precision": args.precision, "test.compile": args.compile}).test,
-                    torch.device("cpu"))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; engine plan here: {cpu_plan.reason}; "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, native bf16 {native_bf16_cpu()}; "
           f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     results = {name: bench(name, args, image) for name in names}
     print("\nsummary (eager / engine per image; engine / eager images/s at batch "

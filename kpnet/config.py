@@ -153,7 +153,7 @@ class TestConfig:
     mask_threshold: float = 0.5  # model.mask: a pasted mask's pixels at or above this probability are the instance
     round_decimals: int = 2  # boxes and scores in the COCO json rounded as the reference does (REFERENCE §4.5); -1 keeps all
     engine: bool = True  # the inference engine (kpnet/engine/accelerate.py); false: the network as trained, eager fp32
-    precision: Precision = "auto"  # the network's test-time arithmetic; auto: bf16 on CUDA and on CPUs with native bf16 (not for deformable convs), else fp32
+    precision: Precision = "auto"  # the network's test-time arithmetic; auto: bf16 on CUDA, and for HG-104/52 on CPUs with native bf16; else fp32
     compile: Switch = "auto"  # torch.compile the inference copy of the network; auto: off (benchmarks/inference.py)
 
 

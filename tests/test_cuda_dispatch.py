@@ -79,7 +79,8 @@ def test_info_json(monkeypatch):
     assert set(cpu) == {"corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge"}
     assert all(r["backend"] == "torch" and r["reason"] == "KPNET_KERNELS=torch" for r in cpu.values())
     engine = doc["inference_engine_cpu"]
-    assert engine["precision"] in ("bf16", "fp32") and engine["precision_deformable"] == "fp32" and not engine["compile"]
+    assert engine["hourglass104"]["precision"] in ("bf16", "fp32") and engine["resnet18"]["precision"] == "fp32"
+    assert not any(p["compile"] for p in engine.values())
 
 
 def test_info_bad_env_exits_2(monkeypatch):

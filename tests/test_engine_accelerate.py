@@ -130,8 +130,8 @@ def test_engine_follows_weight_changes_and_leaves_training_mode_alone() -> None:
     detector = kpnet.build_detector(recipe).eval()
     batch = torch.randn(2, 3, 64, 64)
     first = detector.network_heads(batch, {})["tl_heat"]
-    assert accelerate.inference_network(detector.network, detector.test) is accelerate.inference_network(
-        detector.network, detector.test)
+    assert accelerate.inference_network(detector.network, recipe) is accelerate.inference_network(
+        detector.network, recipe)
     with torch.no_grad():
         detector.network.tl_heats[-1][-1].bias.add_(1.0)
         want = detector.network(batch)[-1]["tl_heat"]
@@ -150,12 +150,14 @@ def test_precision_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> 
     assert test.precision == "auto" and test.compile == "auto"
     cpu = torch.device("cpu")
     monkeypatch.setattr(accelerate, "native_bf16_cpu", lambda: False)
-    assert accelerate.plan(test, cpu).precision == "fp32"
+    assert accelerate.plan(test, cpu, "hourglass104").precision == "fp32"
     monkeypatch.setattr(accelerate, "native_bf16_cpu", lambda: True)
-    plan = accelerate.plan(test, cpu)
+    plan = accelerate.plan(test, cpu, "hourglass104")
     assert plan.precision == "bf16" and not plan.compile and "native bf16" in plan.reason
-    assert accelerate.plan(test, cpu, deformable=True).precision == "fp32"
-    assert accelerate.plan(recipe_from_dict({"test": {"precision": "fp32"}}).test, cpu).precision == "fp32"
+    for backbone in ("resnet18", "dla34", "hourglass_small"):
+        assert accelerate.plan(test, cpu, backbone).precision == "fp32"
+    fp32 = recipe_from_dict({"test": {"precision": "fp32"}}).test
+    assert accelerate.plan(fp32, cpu, "hourglass104").precision == "fp32"
 
 
 def test_compile_switch_reads_yaml_on_off_and_rejects_other_values() -> None:

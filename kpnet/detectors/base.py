@@ -228,4 +228,4 @@ class Detector(ABC):
         `test.engine` is off."""
         if self.network.training or not self.test.engine:
             return self.network(batch.to(self.device))[-1]
-        return inference_network(self.network, self.test)(batch)[-1]
+        return inference_network(self.network, self.recipe)(batch)[-1]

@@ -1,6 +1,6 @@
 """The inference engine: the network as the test pipeline runs it (docs/architecture.md, "Data flows").
 
-`inference_network(detector)` is the one place a network is prepared for inference: an eval-mode copy with
+`inference_network(network, recipe)` is the one place a network is prepared for inference: an eval-mode copy with
 batch norm folded into the convolutions (kpnet.engine.fuse), deformable convolutions as sampling + one matrix
 product (`SampledDeformConv`), channels-last weights and inputs, run under
 `torch.inference_mode`, in the precision `test.precision` resolves to (autocast), optionally compiled
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d
 
-from kpnet.config import TestConfig
+from kpnet.config import Recipe, TestConfig
 from kpnet.data.transforms import test_input
 from kpnet.engine.fuse import fold_batch_norm
 from kpnet.errors import KpnetError
@@ -43,18 +43,23 @@ def native_bf16_cpu() -> bool:
     return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
-def plan(test: TestConfig, device: torch.device, deformable: bool = False) -> Plan:
-    """Resolve `test.precision` and `test.compile` for `device` and a network with (`deformable`) or without
-    deformable convolutions. The `auto` rules are the measured ones (benchmarks/inference.py): on a CPU with native
-    bf16, bf16 for networks without deformable convolutions (torchvision's CPU kernel has no bf16: the casts around
-    it cost more than bf16 saves), fp32 otherwise; bf16 on CUDA where supported, else fp16; no compilation."""
+# Backbones whose network measured faster under bf16 autocast on a CPU with native bf16 (benchmarks/inference.py):
+# HG-104 / HG-52. ResNet / DLA-34 with their deformable up-path measured slower, the small hourglass no faster.
+BF16_BACKBONES = ("hourglass104", "hourglass52")
+
+
+def plan(test: TestConfig, device: torch.device, backbone: str) -> Plan:
+    """Resolve `test.precision` and `test.compile` for `device` and a network on `backbone`. The `auto` rules are the
+    measured ones (benchmarks/inference.py): on a CPU with native bf16, bf16 for BF16_BACKBONES and fp32 for the
+    others; bf16 on CUDA where supported, else fp16 (not measured here); fp32 elsewhere; no compilation (on CPU
+    `torch.compile` took minutes and ran slower: the kernel dispatch breaks the graph)."""
     precision, why = test.precision, f"test.precision={test.precision}"
     if precision == "auto":
         if device.type == "cuda":
             precision, why = ("bf16", "CUDA with bf16") if torch.cuda.is_bf16_supported() else ("fp16", "CUDA without bf16")
         elif device.type == "cpu" and native_bf16_cpu():
-            precision, why = ("fp32", "CPU with native bf16, but deformable convolutions run in fp32 on CPU") if deformable \
-                else ("bf16", "CPU with native bf16 (AVX512-BF16/AMX)")
+            precision, why = ("bf16", f"CPU with native bf16 (AVX512-BF16/AMX), {backbone}") if backbone in BF16_BACKBONES \
+                else ("fp32", f"CPU with native bf16, but {backbone} measured no faster in bf16")
         else:
             precision, why = "fp32", f"{device.type} without native bf16"
     compile_on = test.compile == "on"
@@ -150,17 +155,18 @@ def _to_float32(value: Any) -> Any:
 _PREPARED: weakref.WeakKeyDictionary[nn.Module, tuple[tuple, InferenceNetwork]] = weakref.WeakKeyDictionary()
 
 
-def inference_network(network: nn.Module, test: TestConfig) -> InferenceNetwork:
-    """The prepared copy of `network` for `test`'s settings, rebuilt when its weights, device or the settings changed."""
+def inference_network(network: nn.Module, recipe: Recipe) -> InferenceNetwork:
+    """The prepared copy of `network` (built from `recipe`) for its test settings, rebuilt when its weights, device or
+    the settings changed."""
+    test = recipe.test
     tensors = [*network.parameters(), *network.buffers()]
     device = tensors[0].device
-    key = (device, test.precision, test.compile, tuple((t.data_ptr(), t._version) for t in tensors))
+    key = (device, test.precision, test.compile, recipe.model.backbone, tuple((t.data_ptr(), t._version) for t in tensors))
     cached = _PREPARED.get(network)
     if cached is not None and cached[0] == key:
         return cached[1]
     image = np.zeros((96, 96, 3), np.uint8)  # a small valid input for every backbone under the recipe's padding
     probe = torch.from_numpy(test_input(image, 1.0, test.pad, test.pad_add)[0])[None].to(device)
-    deformable = any(isinstance(m, DeformConv2d) for m in network.modules())
-    prepared = InferenceNetwork(network, probe, plan(test, device, deformable))
+    prepared = InferenceNetwork(network, probe, plan(test, device, recipe.model.backbone))
     _PREPARED[network] = (key, prepared)
     return prepared
