@@ -3,7 +3,7 @@ the PyTorch reference (docs/architecture.md, "Kernels: one source, three ways to
 
 Rule: a CUDA tensor with a working CuPy runs the kernels; a CPU tensor runs the emulator where a C++
 compiler builds it (compiled once, cached: kpnet/cuda/emulator.py), since end to end it measured several
-times faster than the reference (benchmarks/decode.py: the whole decode of an image, 7–12×); everything
+times faster than the reference (benchmarks/decode.py: the whole decode of an image, about 10×); everything
 else runs the PyTorch reference. Every backend computes the same bits. `KPNET_KERNELS` overrides it:
 
 - `auto` (default): the rule above; without a working compiler CPU tensors use the reference.
