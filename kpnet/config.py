@@ -154,7 +154,7 @@ class TestConfig:
     round_decimals: int = 2  # boxes and scores in the COCO json rounded as the reference does (REFERENCE §4.5); -1 keeps all
     engine: bool = True  # the inference engine (kpnet/engine/accelerate.py); false: the network as trained, eager fp32
     precision: Precision = "auto"  # the network's test-time arithmetic; auto: bf16 on CUDA, and for HG-104/52 on CPUs with native bf16; else fp32
-    compile: Switch = "auto"  # torch.compile the inference copy of the network; auto: off (benchmarks/inference.py)
+    compile: Switch = "auto"  # torch.compile the inference copy of the network; auto: off (slower on CPU: README "Inference speed")
 
 
 @dataclass(frozen=True)
