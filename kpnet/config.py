@@ -31,6 +31,8 @@ NmsMode = Literal["none", "soft_gaussian", "soft_linear", "hard"]  # REFERENCE �
 # <= 3500 input pixels and 1/2.4 above; the paper (§3.1) and mmdetection use the reverse values.
 CentripetalMu = Literal["official", "paper", "mmdetection"]
 NonFinite = Literal["stop", "skip"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]  # the inference engine's autocast (kpnet/engine/accelerate.py)
+Switch = Literal["auto", "on", "off"]
 
 
 @dataclass(frozen=True)
@@ -165,6 +167,9 @@ class TestConfig:
     max_per_image: int = 100
     mask_threshold: float = 0.5  # model.mask: a pasted mask's pixels at or above this probability are the instance
     round_decimals: int = 2  # boxes and scores in the COCO json rounded as the reference does (REFERENCE §4.5); -1 keeps all
+    engine: bool = True  # the inference engine (kpnet/engine/accelerate.py); false: the network as trained, eager fp32
+    precision: Precision = "auto"  # the network's test-time arithmetic; auto: bf16 on CUDA, and for HG-104/52 on CPUs with native bf16; else fp32
+    compile: Switch = "auto"  # torch.compile the inference copy of the network; auto: off (slower on CPU: README "Inference speed")
 
 
 @dataclass(frozen=True)
@@ -365,6 +370,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
         return tuple(_coerce(item_type, v, source, key) for v in _as_list(value))
     if origin is Literal:
         options = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in options:  # YAML 1.1 reads an unquoted on / off as a boolean
+            value = "on" if value else "off"
         if not isinstance(value, str):
             raise KpnetError(source, f"{key}: expected a string, got {value!r}; valid values: {', '.join(options)}")
         if value in options:

@@ -83,6 +83,8 @@ ENUM_FIELDS = {  # every enumerated recipe field -> a misspelt value
     "test.nms": "gausian",
     "test.centripetal_mu": "oficial",
     "train.on_nonfinite": "skipp",
+    "test.precision": "bf61",
+    "test.compile": "onn",
 }
 
 

@@ -13,10 +13,38 @@ from kpnet.cuda import dispatch
 from kpnet.errors import KpnetError
 
 
-def test_default_cpu_is_reference(monkeypatch):
+def test_default_cpu_runs_the_emulator_where_it_builds(monkeypatch):
     monkeypatch.delenv("KPNET_KERNELS", raising=False)
     choice = dispatch.choose(torch.device("cpu"))
-    assert choice.backend == "torch" and "CPU tensor" in choice.reason
+    ok, why = dispatch.emulator_ready()
+    assert "CPU tensor" in choice.reason and why in choice.reason
+    assert choice.backend == ("emulate" if ok else "torch")
+
+
+def test_default_cpu_falls_back_to_the_reference_without_a_build(monkeypatch):
+    from kpnet.cuda import launch
+
+    monkeypatch.delenv("KPNET_KERNELS", raising=False)
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    choice = dispatch.choose(torch.device("cpu"))
+    assert choice.backend == "torch" and "no C++ compiler found" in choice.reason
+
+    def broken() -> None:
+        raise KpnetError("emulator", "g++ failed to compile the kernels:\nkernel.cu:1: error: test")
+
+    monkeypatch.delenv("CXX")
+    monkeypatch.undo()
+    monkeypatch.delenv("KPNET_KERNELS", raising=False)
+    if not dispatch.emulator_status()[0]:
+        pytest.skip("no C++ compiler that builds the emulator here")
+    monkeypatch.setattr(launch, "_emulator_library", broken)
+    dispatch._built.cache_clear()
+    try:
+        choice = dispatch.choose(torch.device("cpu"))
+        assert choice.backend == "torch" and "the emulator did not build (emulator: g++ failed" in choice.reason
+    finally:
+        dispatch._built.cache_clear()
 
 
 def test_modes(monkeypatch):
@@ -50,6 +78,9 @@ def test_info_json(monkeypatch):
     cpu = {r["op"]: r for r in doc["ops"] if r["device"] == "cpu"}
     assert set(cpu) == {"corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge"}
     assert all(r["backend"] == "torch" and r["reason"] == "KPNET_KERNELS=torch" for r in cpu.values())
+    engine = doc["inference_engine_cpu"]
+    assert engine["hourglass104"]["precision"] in ("bf16", "fp32") and engine["resnet18"]["precision"] == "fp32"
+    assert not any(p["compile"] for p in engine.values())
 
 
 def test_info_bad_env_exits_2(monkeypatch):

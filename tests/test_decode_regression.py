@@ -10,7 +10,8 @@ moves a few merged triplet boxes across a rounding boundary of the results JSON.
 Float results depend on the CPU's arithmetic, so the training losses are fingerprinted too: where they
 differ from the recorded ones the machine computes differently from the one the digests came from and
 the test skips, saying so. Regenerate the digests with `python tests/test_decode_regression.py`
-only for an intended change of the decoded output, and say why in the commit.
+only for an intended change of the decoded output, and say why in the commit. The heads come from the eager
+network (`test.engine=false`): the inference engine's folded weights and bf16 move boxes across the JSON's rounding.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def train_and_decode(name: str, data: Path, out: Path) -> tuple[str, dict[str, s
     from kpnet.engine.inference import predict_dataset
     from kpnet.engine.train import train
 
-    base = [f"data.root={data}", *TRAIN]
+    base = [f"data.root={data}", *TRAIN, "test.engine=false"]  # the decode of the eager network's heads
     train(load_recipe(REPO / "recipes" / f"{name}.yaml", base), out / name)
     rows = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
     losses = digest([[r["iteration"], r["loss"]] for r in rows])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import torch
@@ -10,8 +11,9 @@ from rich.table import Table
 
 from kpnet import __version__
 from kpnet.cli.common import DebugOpt, JsonOpt, Output, run
+from kpnet.config import Backbone, TestConfig
 from kpnet.cuda import dispatch, emulator
-from kpnet.engine import host_memory
+from kpnet.engine import accelerate, host_memory
 from kpnet.errors import KpnetError
 
 OPS = ("corner_pool", "line_max", "heatmap_peaks", "group_corners", "soft_nms", "soft_nms_merge")
@@ -40,6 +42,11 @@ def _body(out: Output) -> dict[str, Any]:
     out.print("float16/bfloat16 pooling and float32 decoding have kernels; other dtypes use the PyTorch reference.")
     memory = host_memory.policy()
     out.print(f"host memory: {memory.reason}")
+    cpu = torch.device("cpu")
+    engine = {backbone: accelerate.plan(TestConfig(), cpu, backbone) for backbone in typing.get_args(Backbone)}
+    bf16 = [b for b, p in engine.items() if p.precision == "bf16"]
+    out.print(f"inference engine on CPU (test.precision / test.compile auto): bf16 for {', '.join(bf16) or 'no backbone'}, "
+              f"fp32 for the others; compile off; {engine['hourglass104'].reason}")
     return {
         "kernels_env": dispatch.mode(),
         "torch": torch.__version__,
@@ -47,6 +54,8 @@ def _body(out: Output) -> dict[str, Any]:
         "cupy": {"usable": cupy_ok, "reason": cupy_why},
         "emulator": {"usable": emu_ok, "reason": emu_why, "cache_dir": str(emulator.cache_dir())},
         "host_memory": {"reuse_freed": memory.reuse, "reason": memory.reason},
+        "inference_engine_cpu": {b: {"precision": p.precision, "compile": p.compile, "reason": p.reason}
+                                 for b, p in engine.items()},
         "ops": rows,
     }
 

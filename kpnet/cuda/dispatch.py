@@ -1,11 +1,12 @@
 """Which backend runs an op: the CuPy kernels, the g++-compiled emulator of the same kernels, or
 the PyTorch reference (docs/architecture.md, "Kernels: one source, three ways to run").
 
-Rule: a CUDA tensor with a working CuPy runs the kernels; everything else runs the PyTorch
-reference. `KPNET_KERNELS` overrides it:
+Rule: a CUDA tensor with a working CuPy runs the kernels; a CPU tensor runs the emulator where a C++
+compiler builds it (compiled once, cached: kpnet/cuda/emulator.py), since end to end it measured several
+times faster than the reference (benchmarks/decode.py: the whole decode of an image, about 10×); everything
+else runs the PyTorch reference. Every backend computes the same bits. `KPNET_KERNELS` overrides it:
 
-- `auto` (default): the rule above. CPU tensors always use the reference, so the default never
-  depends on whether a C++ compiler happens to be installed.
+- `auto` (default): the rule above; without a working compiler CPU tensors use the reference.
 - `torch`: the reference everywhere.
 - `emulate`: CPU tensors run the emulator (the `.cu` sources compiled by g++ ≥ 12 or Clang); where it
   cannot be built, an error names why. CUDA tensors follow the default rule.
@@ -66,6 +67,29 @@ def emulator_status() -> tuple[bool, str]:
     return emulator.probe(emulator.compiler())
 
 
+def emulator_ready() -> tuple[bool, str]:
+    """Whether the emulator library is built (or builds now, once) with this compiler, with the reason."""
+    from kpnet.cuda import emulator
+
+    return _built(emulator.compiler())
+
+
+@lru_cache(maxsize=8)
+def _built(cxx: str | None) -> tuple[bool, str]:
+    from kpnet.cuda import emulator, launch
+
+    ok, why = emulator.probe(cxx)
+    if not ok:
+        return False, why
+    try:
+        launch._emulator_library()
+    except KpnetError as e:
+        return False, f"the emulator did not build ({e.line().splitlines()[0]})"
+    except OSError as e:  # e.g. an unwritable cache folder ($KPNET_CACHE_DIR)
+        return False, f"the emulator could not be cached ({type(e).__name__}: {e})"
+    return True, why
+
+
 def choose(device: torch.device, has_kernel: bool = True) -> Choice:
     """Pick the backend for an op on tensors living on `device` (see the module docstring)."""
     requested = mode()
@@ -85,4 +109,10 @@ def choose(device: torch.device, has_kernel: bool = True) -> Choice:
         if not ok:
             raise KpnetError(KERNELS_ENV, f"emulate requested but {why}")
         return Choice("emulate", f"{KERNELS_ENV}=emulate; {why}")
-    return Choice("torch", f"CPU tensor: PyTorch reference (set {KERNELS_ENV}=emulate for the compiled kernels)")
+    if requested == "cuda":
+        return Choice("torch", f"CPU tensor with {KERNELS_ENV}=cuda: PyTorch reference")
+    ok, why = emulator_ready()
+    if ok:
+        return Choice("emulate", f"CPU tensor: emulator-compiled kernels ({why}; faster than the reference end to end, "
+                                 "benchmarks/decode.py)")
+    return Choice("torch", f"CPU tensor: PyTorch reference ({why})")

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from kpnet.backbones import build_backbone
 from kpnet.config import ModelConfig, Recipe, TestConfig
+from kpnet.engine.accelerate import inference_network
 
 TargetRenderer = Callable[..., dict[str, np.ndarray]]  # (boxes, classes, out_hw=(h, w)) -> target arrays
 # (segmentations, augmentation affine, original (h, w), augmented input-pixel boxes, classes) -> mask target arrays
@@ -231,5 +232,9 @@ class Detector(ABC):
         return self
 
     def network_heads(self, batch: Tensor, meta: dict[str, float]) -> dict[str, Tensor]:
-        """The usual head source of the test pipeline: the last stack's outputs for a batch."""
-        return self.network(batch.to(self.device))[-1]
+        """The usual head source of the test pipeline: the last stack's outputs for a batch, in eval mode through
+        the inference engine (`kpnet.engine.accelerate`: a BN-folded copy, channels-last, `test.precision`) unless
+        `test.engine` is off."""
+        if self.network.training or not self.test.engine:
+            return self.network(batch.to(self.device))[-1]
+        return inference_network(self.network, self.recipe)(batch)[-1]
