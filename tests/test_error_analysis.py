@@ -112,7 +112,7 @@ def test_all_heads_replaced_on_coco_tiny(tmp_path: Path) -> None:
     overrides = [
         f"data.root={COCO_TINY}", "data.train_ann=annotations/instances_train2017.json", "data.train_images=train2017",
         "data.val_ann=annotations/instances_val2017.json", "data.val_images=val2017", "model.num_classes=80",
-        "data.num_workers=0", *TINY_MODEL,
+        "data.num_workers=0", "test.input_size=null", *TINY_MODEL,  # the oracle at the original resolution
     ]
     ckpt = untrained_checkpoint(tmp_path / "ckpt.pt", overrides)
     result = CliRunner().invoke(app, ["error-analysis", str(RECIPE), "--checkpoint", str(ckpt), *_sets(overrides),
