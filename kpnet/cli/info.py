@@ -45,8 +45,9 @@ def _body(out: Output) -> dict[str, Any]:
     cpu = torch.device("cpu")
     engine = {backbone: accelerate.plan(TestConfig(), cpu, backbone) for backbone in typing.get_args(Backbone)}
     bf16 = [b for b, p in engine.items() if p.precision == "bf16"]
-    out.print(f"inference engine on CPU (test.precision / test.compile auto): bf16 for {', '.join(bf16) or 'no backbone'}, "
-              f"fp32 for the others; compile off; {engine['hourglass104'].reason}")
+    kind = "native bf16 (AVX512-BF16/AMX)" if accelerate.native_bf16_cpu() else "no native bf16"
+    out.print(f"inference engine on this CPU ({kind}; test.precision / test.compile auto): bf16 for "
+              f"{', '.join(bf16) or 'no backbone'}, fp32 for the others; torch.compile off")
     return {
         "kernels_env": dispatch.mode(),
         "torch": torch.__version__,
