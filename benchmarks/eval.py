@@ -3,8 +3,8 @@ file and check that the 12 bbox stats agree.
 
     python benchmarks/eval.py [--images 5000] [--per-image 100] [--seed 0]
 
-kpnet: `evaluation.load_dets` (streamed, checked, the best 100 per image and class) + `evaluation.evaluate`
-(faster-coco-eval, a runtime dependency; pycocotools where it is not importable). pycocotools: `COCO.loadRes` +
+kpnet: `evaluation.load_dets` (streamed in large batches checked as arrays, the best 100 per image and class) +
+`evaluation.evaluate` (kpnet.bbox_eval: COCOeval's matching and accumulation vectorised over arrays). pycocotools: `COCO.loadRes` +
 `COCOeval` (evaluate, accumulate, summarize), as a user of the COCO API runs it. Both read the same files;
 ground-truth loading is timed apart. Each runs in a fresh process, which also reports its peak memory growth
 while loading and scoring the results (VmHWM); kpnet runs before and after pycocotools, its time is the mean.
@@ -116,8 +116,7 @@ def main() -> None:
         t_ours = (t_first + t_again) / 2
     assert again == ours
     worst = max(abs(a - b) for a, b in zip(ours, ref, strict=True))
-    backend = "faster-coco-eval" if evaluation._cocoeval_class("auto").__module__.startswith("faster") else "pycocotools"
-    print(f"kpnet (load_dets + {backend}): {t_ours:7.1f} s (runs before / after pycocotools: {t_first:.1f} / "
+    print(f"kpnet (load_dets + BoxCOCOeval):    {t_ours:7.1f} s (runs before / after pycocotools: {t_first:.1f} / "
           f"{t_again:.1f} s), peak memory +{mem_ours:.0f} MiB")
     print(f"pycocotools (loadRes + COCOeval):      {t_ref:7.1f} s, peak memory +{mem_ref:.0f} MiB")
     print(f"speed-up: {t_ref / t_ours:.1f}x; the 12 stats differ by at most {worst:.2e} (AP {ours[0]:.4f} vs {ref[0]:.4f}); "

@@ -1,17 +1,21 @@
 """COCO scoring (bbox, segm for instance masks, keypoints for poses), the one place it lives: loading results with errors
 that name the culprit (ground truth comes through `kpnet.data.validate.load_gt`), the 12 COCO stats
-(pycocotools or faster-coco-eval, identical numbers; the 10 OKS stats for keypoints), the triplet paper's false-discovery rates (Tables
-1 and 3) and precision-recall plots.
+(the 10 OKS stats for keypoints), the triplet paper's false-discovery rates (Tables 1 and 3) and precision-recall plots.
 
-Both backends' COCOeval is used as is: its matching (crowd regions, area ranges, ignored
-detections, ties) has subtleties a hand-written matcher gets wrong.
+Boxes are scored by `kpnet.bbox_eval.BoxCOCOeval`, COCOeval's evaluate/accumulate vectorised over arrays (its matching
+subtleties — crowd regions, area ranges, ignored detections, ties — reproduced bit for bit and held to pycocotools by
+tests); masks and keypoints by faster-coco-eval's or pycocotools' COCOeval as is (identical numbers). Results files
+are read in large `json.loads` batches checked as arrays; a batch with anything unusual is checked result by result, so an
+error still names the culprit.
 """
 
 from __future__ import annotations
 
 import array
 import contextlib
+import gc
 import io
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -20,10 +24,12 @@ from typing import Any, Literal
 import numpy as np
 from pycocotools.coco import COCO
 
+from kpnet.bbox_eval import BoxCOCOeval, BoxResults, ranks_in_runs
 from kpnet.data.validate import coco_index, is_int, is_number
 from kpnet.errors import KpnetError
 
-Backend = Literal["auto", "pycocotools", "faster"]
+Backend = Literal["auto", "kpnet", "pycocotools", "faster"]
+BACKENDS: tuple[str, ...] = ("auto", "kpnet", "pycocotools", "faster")
 IouType = Literal["bbox", "segm", "keypoints"]
 IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
 
@@ -202,65 +208,210 @@ def _check_result(source: str | Path, i: int, d: Any, images: dict[int, Any], ca
 def _best_per_image_and_class(image: np.ndarray, category: np.ndarray, score: np.ndarray, keep: int) -> np.ndarray:
     """Indices (ascending) of the `keep` best-scoring results of each (image, category), ties to the earlier."""
     n = len(score)
-    _, group = np.unique(np.stack([image, category], axis=1), axis=0, return_inverse=True)
-    order = np.lexsort((np.arange(n), -score, group.ravel()))
-    sorted_group = group.ravel()[order]
-    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
-    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
-    return np.sort(order[rank < keep])
+    _, image_idx = np.unique(image, return_inverse=True)
+    _, category_idx = np.unique(category, return_inverse=True)
+    group = image_idx.ravel() * (int(category_idx.max(initial=0)) + 1) + category_idx.ravel()
+    if np.bincount(group).max(initial=0) <= keep:
+        return np.arange(n)
+    order = np.lexsort((np.arange(n), -score, group))
+    return np.sort(order[ranks_in_runs(group[order]) < keep])
 
 
-def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> COCO:
-    """COCO results (a JSON file, streamed, or a list of dicts) over `gt`'s images: the MAX_DETS best per image and class.
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cyclic garbage collector paused (parsed results hold no cycles; each of the collections that half a
+    million new dicts and lists would set off walks the whole heap: a third of the parse time)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+class _NotFast(Exception):
+    """The results file is not laid out for `_fast_batches`; `iter_json_list` reads it (and names any error)."""
+
+
+def _fast_batches(path: Path) -> Iterator[list[Any]]:
+    """The top-level list of a JSON file in batches, each one `json.loads` of about 4 * _CHUNK characters cut after an
+    item's closing brace (the cut stands only where the text before it parses as whole items and a comma follows)."""
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError:
+        raise _NotFast from None
+    with f:
+        try:
+            buf = f.read(4 * _CHUNK).lstrip()
+            if not buf.startswith("["):
+                raise _NotFast
+            buf, eof = buf[1:], False
+            while True:
+                if not eof:
+                    more = f.read(4 * _CHUNK)
+                    buf, eof = buf + more, not more
+                if eof:
+                    items = json.loads("[" + buf)
+                    if items:
+                        yield items
+                    return
+                cut = buf.rfind("}")
+                for _ in range(4):
+                    sep = len(buf) - len(buf[cut + 1:].lstrip()) if cut >= 0 else -1
+                    if 0 <= sep < len(buf) and buf[sep] == ",":
+                        try:
+                            items = json.loads("[" + buf[:cut + 1] + "]")
+                            break
+                        except ValueError:
+                            pass
+                    cut = buf.rfind("}", 0, max(cut, 0))
+                else:
+                    continue  # no cut found: read on, the next chunk may end the item
+                yield items
+                buf = buf[sep + 1:]
+        except (ValueError, UnicodeDecodeError):
+            raise _NotFast from None
+
+
+def _batched(items: Iterable[Any]) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == 1 << 16:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _numbers_only(values: Iterable[Any]) -> bool:
+    return set(map(type, values)) <= {int, float}
+
+
+def _boxes_of_batch(items: list[Any], img_ids: np.ndarray, cat_ids: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray] | None:
+    """A batch of plain box results checked as arrays: (image and category ids, [x, y, w, h, score] rows); None when
+    any result needs a closer look (`_check_result` then names the culprit) or carries a mask or keypoints."""
+    if set(map(type, items)) != {dict} or any("segmentation" in d or "keypoints" in d for d in items):
+        return None
+    image = [d.get("image_id") for d in items]
+    category = [d.get("category_id") for d in items]
+    score = [d.get("score") for d in items]
+    bbox = [d.get("bbox") for d in items]
+    if (set(map(type, image)) != {int} or set(map(type, category)) != {int} or not _numbers_only(score)
+            or set(map(type, bbox)) != {list} or set(map(len, bbox)) != {4}
+            or not _numbers_only(itertools.chain.from_iterable(bbox))):
+        return None
+    try:
+        ids = np.array([image, category], np.int64).T
+        values = np.concatenate([np.array(bbox, np.float64), np.array(score, np.float64)[:, None]], 1)
+    except OverflowError:
+        return None
+    with np.errstate(invalid="ignore"):
+        ok = (np.isfinite(values).all() and (values[:, 2:4] >= 0).all() and (np.abs(values[:, :4]) <= MAX_PIXELS).all()
+              and (values[:, 4] >= 0).all() and (values[:, 4] <= 1).all()
+              and np.isin(ids[:, 0], img_ids).all() and np.isin(ids[:, 1], cat_ids).all())
+    return (ids, values) if ok else None
+
+
+class LoadedResults(COCO):
+    """Loaded results: `boxes` (the arrays kpnet's bbox scoring reads) and pycocotools' COCO index over the same
+    annotations (ids = position in the results + 1), built on first use, since half a million dicts cost seconds."""
+
+    _INDEX = frozenset({"dataset", "anns", "cats", "imgs", "imgToAnns", "catToImgs"})
+
+    def __init__(self, gt: COCO, boxes: BoxResults, masks: dict[int, dict[str, Any]],
+                 keypoints: dict[int, list[float]]) -> None:  # COCO.__init__ is not called: `_build` indexes
+        self.boxes, self.masks, self.keypoints, self._gt = boxes, masks, keypoints, gt
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in LoadedResults._INDEX:
+            raise AttributeError(name)
+        b = self.boxes
+        annotations = [{"id": i + 1, "image_id": image, "category_id": category, "bbox": box, "area": area,
+                        "score": score, "iscrowd": 0}
+                       for i, image, category, box, area, score in zip(
+                           b.order.tolist(), b.image_id.tolist(), b.category_id.tolist(), b.bbox.tolist(),
+                           b.area.tolist(), b.score.tolist())]
+        for ann in annotations:
+            if (kps := self.keypoints.get(ann["id"] - 1)) is not None:
+                ann["keypoints"] = kps
+            if (rle := self.masks.get(ann["id"] - 1)) is not None:
+                ann["segmentation"] = rle
+        index = coco_index({"images": list(self._gt.dataset["images"]),
+                            "categories": list(self._gt.dataset["categories"]), "annotations": annotations})
+        self.__dict__.update({key: getattr(index, key) for key in LoadedResults._INDEX})
+        return self.__dict__[name]
+
+
+def load_dets(dets: str | Path | Sequence[dict[str, Any]], gt: COCO, source: str | None = None) -> LoadedResults:
+    """COCO results (a JSON file, streamed, or a list of dicts) over `gt`'s images: the MAX_DETS best per image and
+    class.
 
     A result with a `segmentation` (COCO RLE) is an instance mask: its area is the mask's, and its box, when
     absent, the mask's bounding box, as pycocotools' `loadRes` does. A result's `keypoints` are kept (a pose);
     its box, when absent, is the keypoints' extent, as `loadRes` does.
     """
-    entries: Iterable[Any]
     if isinstance(dets, (str, Path)):
-        source = source or str(dets)
-        entries = iter_json_list(dets, _RESULTS_LIST)
-    else:
-        source = source or "detections"
-        if not isinstance(dets, list):
-            raise KpnetError(source, f"expected {_RESULTS_LIST}, got {type(dets).__name__}")
-        entries = dets
-    cat_ids = set(gt.getCatIds())
-    ids, floats = array.array("q"), array.array("d")
+        try:
+            return _load_batches(_fast_batches(Path(dets)), gt, source or str(dets))
+        except _NotFast:
+            return _load_batches(_batched(iter_json_list(dets, _RESULTS_LIST)), gt, source or str(dets))
+    if not isinstance(dets, list):
+        raise KpnetError(source or "detections", f"expected {_RESULTS_LIST}, got {type(dets).__name__}")
+    return _load_batches(_batched(dets), gt, source or "detections")
+
+
+def _load_batches(batches: Iterable[list[Any]], gt: COCO, source: str) -> LoadedResults:
+    img_ids, cat_ids = np.array(sorted(gt.imgs), np.int64), np.array(sorted(gt.getCatIds()), np.int64)
+    cat_set = set(cat_ids.tolist())
+    id_parts, value_parts = [], []
     masks: dict[int, dict[str, Any]] = {}
     keypoints: dict[int, list[float]] = {}
-    for i, d in enumerate(entries):
-        box, rle = _check_result(source, i, d, gt.imgs, cat_ids)
-        if rle is not None:
-            masks[i] = rle
-        if "keypoints" in d:
-            keypoints[i] = d["keypoints"]
-        ids.extend((d["image_id"], d["category_id"]))
-        floats.extend((*box, d["score"]))
-    pairs = np.frombuffer(ids, np.int64).reshape(-1, 2)
-    values = np.frombuffer(floats, np.float64).reshape(-1, 5)
-    keep = _best_per_image_and_class(pairs[:, 0], pairs[:, 1], values[:, 4], MAX_DETS) if len(pairs) else []
-    annotations = [{"id": int(i) + 1, "image_id": int(pairs[i, 0]), "category_id": int(pairs[i, 1]),
-                    "bbox": values[i, :4].tolist(), "area": float(values[i, 2] * values[i, 3]),
-                    "score": float(values[i, 4]), "iscrowd": 0} for i in keep]
-    for ann in annotations:
-        if (kps := keypoints.get(ann["id"] - 1)) is not None:
-            ann["keypoints"] = kps
+    start = 0
+    with _gc_paused():  # the batches are parsed as this loop pulls them
+        for batch in batches:
+            checked = _boxes_of_batch(batch, img_ids, cat_ids)
+            if checked is None:
+                ids, floats = array.array("q"), array.array("d")
+                for i, d in enumerate(batch, start):
+                    box, rle = _check_result(source, i, d, gt.imgs, cat_set)
+                    if rle is not None:
+                        masks[i] = rle
+                    if "keypoints" in d:
+                        keypoints[i] = d["keypoints"]
+                    ids.extend((d["image_id"], d["category_id"]))
+                    floats.extend((*box, d["score"]))
+                checked = np.frombuffer(ids, np.int64).reshape(-1, 2), np.frombuffer(floats, np.float64).reshape(-1, 5)
+            id_parts.append(checked[0])
+            value_parts.append(checked[1])
+            start += len(batch)
+    pairs = np.concatenate(id_parts) if id_parts else np.zeros((0, 2), np.int64)
+    values = np.concatenate(value_parts) if value_parts else np.zeros((0, 5))
+    keep = _best_per_image_and_class(pairs[:, 0], pairs[:, 1], values[:, 4], MAX_DETS) if len(pairs) else pairs[:0, 0]
+    area = values[keep, 2] * values[keep, 3]
     if masks:
         from pycocotools import mask as mask_utils
 
-        for ann in annotations:
-            if (rle := masks.get(ann["id"] - 1)) is not None:
-                ann.update(segmentation=rle, area=float(mask_utils.area(rle)))
-    return coco_index({"images": list(gt.dataset["images"]),
-                            "categories": list(gt.dataset["categories"]),
-                            "annotations": annotations})
+        for j, i in enumerate(keep.tolist()):
+            if (rle := masks.get(i)) is not None:
+                area[j] = float(mask_utils.area(rle))
+    kept = set(keep.tolist()) if masks or keypoints else set()
+    boxes = BoxResults(pairs[keep, 0], pairs[keep, 1], values[keep, :4], values[keep, 4], area, keep.astype(np.int64))
+    return LoadedResults(gt, boxes, {i: m for i, m in masks.items() if i in kept},
+                         {i: k for i, k in keypoints.items() if i in kept})
 
 
-def _cocoeval_class(backend: Backend) -> Any:
-    if backend not in ("auto", "pycocotools", "faster"):
-        raise KpnetError("--backend", f"unknown COCO eval backend {backend!r} (auto, pycocotools, faster)")
+def _cocoeval_class(backend: Backend, iou_type: IouType = "bbox") -> Any:
+    """The COCOeval to run: kpnet's vectorised one for boxes (`auto`, `kpnet`), else faster-coco-eval where it is
+    importable (`auto`, `faster`), else pycocotools."""
+    if backend not in BACKENDS:
+        raise KpnetError("--backend", f"unknown COCO eval backend {backend!r} ({', '.join(BACKENDS)})")
+    if backend == "kpnet" and iou_type != "bbox":
+        raise KpnetError("--backend", f"the kpnet backend scores boxes only, not {iou_type}")
+    if backend in ("auto", "kpnet") and iou_type == "bbox":
+        return BoxCOCOeval
     if backend in ("auto", "faster"):
         try:
             from faster_coco_eval import COCOeval_faster
@@ -284,11 +435,15 @@ def _faster_index(coco: COCO) -> Any:
 
 def has_masks(dt: COCO) -> bool:
     """Whether loaded results carry instance masks (so `segm` can be scored)."""
+    if isinstance(dt, LoadedResults):
+        return bool(dt.masks)
     return any("segmentation" in a for a in dt.dataset["annotations"])
 
 
 def has_keypoints(dt: COCO) -> bool:
     """Whether loaded results carry keypoints (so `keypoints` can be scored)."""
+    if isinstance(dt, LoadedResults):
+        return bool(dt.keypoints)
     return any("keypoints" in a for a in dt.dataset["annotations"])
 
 
@@ -321,10 +476,14 @@ def run_cocoeval(gt: COCO, dt: COCO, backend: Backend = "auto",
         _check_gt_keypoints(gt)
         if not has_keypoints(dt):
             raise KpnetError("--iou-type", "keypoints needs results with 'keypoints'")
-    cocoeval_class = _cocoeval_class(backend)
-    if iou_type == "keypoints" and cocoeval_class.__module__.startswith("faster_coco_eval"):
-        gt, dt = _faster_index(gt), _faster_index(dt)  # its keypoint path reads faster-coco-eval's own index
-    cocoeval = cocoeval_class(gt, dt, iou_type)
+    cocoeval_class = _cocoeval_class(backend, iou_type)
+    if cocoeval_class is BoxCOCOeval:
+        boxes = dt.boxes if isinstance(dt, LoadedResults) else BoxResults.from_annotations(dt.dataset["annotations"])
+        cocoeval = BoxCOCOeval(gt, dt, boxes)
+    else:
+        if iou_type == "keypoints" and cocoeval_class.__module__.startswith("faster_coco_eval"):
+            gt, dt = _faster_index(gt), _faster_index(dt)  # its keypoint path reads faster-coco-eval's own index
+        cocoeval = cocoeval_class(gt, dt, iou_type)
     if iou_thresholds is not None:
         cocoeval.params.iouThrs = np.asarray(iou_thresholds, dtype=np.float64)
     if max_dets is not None:
