@@ -170,6 +170,7 @@ class TestConfig:
     engine: bool = True  # the inference engine (kpnet/engine/accelerate.py); false: the network as trained, eager fp32
     precision: Precision = "auto"  # the network's test-time arithmetic; auto: bf16 on CUDA, and for HG-104/52 on CPUs with native bf16; else fp32
     compile: Switch = "auto"  # torch.compile the inference copy of the network; auto: off (slower on CPU: README "Inference speed")
+    batch_size: int = 1  # eval: images per network call (those whose inputs share a shape); README "Inference speed"
 
 
 @dataclass(frozen=True)

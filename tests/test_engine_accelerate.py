@@ -13,9 +13,10 @@ from torchvision.ops import DeformConv2d
 import kpnet
 from conftest import REPO
 from kpnet.config import recipe_from_dict
+from kpnet.data.dataset import load_index
 from kpnet.engine import accelerate
 from kpnet.engine.fuse import fold_batch_norm
-from kpnet.engine.inference import detect_with_heads
+from kpnet.engine.inference import detect_batch, detect_with_heads, predict_dataset
 from kpnet.errors import KpnetError
 
 SMALL = {"model.num_classes": 3, "model.head_conv": 16}
@@ -94,7 +95,8 @@ def eager_detections(detector: kpnet.Detector, image) -> kpnet.Detections:
 @pytest.mark.parametrize(("recipe", "extra"), [
     ("cornernet_small_shapes", {}),
     ("quickstart", {}),
-    ("quickstart", {"model.deformable": True}),  # DCNv2 up-convolutions: the engine's SampledDeformConv
+    ("centernet_points_res18", {**SMALL, "model.width": 16, "model.up_channels": [32, 16, 16]}),  # DCNv2 up-convs:
+    # the engine's SampledDeformConv
 ])
 def test_engine_fp32_gives_the_eager_detections(recipe: str, extra: dict, shapes_small: Path) -> None:
     torch.manual_seed(0)
@@ -108,6 +110,45 @@ def test_engine_fp32_gives_the_eager_detections(recipe: str, extra: dict, shapes
     assert torch.allclose(want.scores, got.scores, atol=1e-4)
     assert torch.allclose(want.boxes, got.boxes, atol=1e-2)
     assert detector.network.training is False and any(isinstance(m, nn.BatchNorm2d) for m in detector.network.modules())
+
+
+@pytest.mark.parametrize("recipe", ["quickstart", "cornernet_small_shapes", "centripetalnet_small_shapes_mask",
+                                    "centernet_pose_small_people"])
+def test_batched_images_get_the_detections_each_gets_alone(recipe: str, shapes_small: Path) -> None:
+    """test.batch_size: images whose inputs share a shape are stacked (each followed by its flip), at every scale;
+    the third image's shape differs, so it runs alone. Each image's detections (masks, joints) are its own."""
+    torch.manual_seed(0)
+    overrides = {"test.precision": "fp32", "test.flip": True, "test.scales": [1.0, 0.75], "test.k": 20}
+    detector = kpnet.build_detector(kpnet.load_recipe(REPO / "recipes" / f"{recipe}.yaml", overrides)).eval()
+    randomise_batch_norms(detector.network)
+    if recipe.startswith("centripetalnet"):  # untrained shifts match no corners: 6 cells (log 1.8) toward the centre
+        network_heads = detector.network_heads
+
+        def long_shifts(batch: torch.Tensor, meta: dict) -> dict:
+            out = network_heads(batch, meta)
+            return {k: torch.full_like(v, 1.8) if k.endswith("centripetal_shift") else v for k, v in out.items()}
+
+        detector.network_heads = long_shifts
+    images = [cv2.imread(str(shapes_small / "val" / f"00000{i}.jpg")) for i in range(3)]
+    images[2] = cv2.resize(images[2], (200, 96))
+    alone = [kpnet.detect(detector, [image])[0] for image in images]
+    batched = detect_batch(detector, images, [None] * 3)
+    assert sum(len(d) for d in alone) > 0
+    for want, got in zip(alone, batched, strict=True):
+        assert len(want) == len(got)
+        assert torch.equal(want.classes, got.classes)
+        assert torch.allclose(want.scores, got.scores, atol=1e-4)
+        assert torch.allclose(want.boxes, got.boxes, atol=1e-2)
+        for name in ("masks", "keypoints"):
+            if getattr(want, name) is not None:
+                assert torch.allclose(getattr(want, name), getattr(got, name), atol=1e-2), name
+
+
+def test_eval_batch_size_is_checked(shapes_small: Path) -> None:
+    detector = kpnet.build_detector(kpnet.load_recipe(REPO / "recipes" / "quickstart.yaml", {"test.batch_size": 0}))
+    index = load_index(shapes_small / "annotations" / "instances_val.json", shapes_small / "val")
+    with pytest.raises(KpnetError, match="test.batch_size: must be at least 1, got 0"):
+        predict_dataset(detector, index)
 
 
 def test_engine_bf16_heads_stay_close_and_come_back_float32(shapes_small: Path) -> None:

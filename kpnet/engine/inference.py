@@ -51,22 +51,33 @@ def decode_side(detector: Detector, test: TestConfig) -> int | None:
     return math.ceil(size * max(test.scales)) if size else None
 
 
+def _scale_input(detector: Detector, image: np.ndarray, test: TestConfig, scale: float,
+                 full_hw: tuple[int, int] | None) -> tuple[np.ndarray, dict[str, float]]:
+    """The network input of one image at one test scale (resized, padded, normalised) and its meta."""
+    full_hw = full_hw or image.shape[:2]
+    return test_input(image, scale * input_scale(detector, test, full_hw), test.pad, test.pad_add, full_hw)
+
+
+def _to_image(detector: Detector, outputs: dict[str, Tensor], inp: np.ndarray, meta: dict[str, float],
+              flip: bool) -> ScaleOutput:
+    """One image's head outputs at one scale decoded, in image pixels."""
+    out_h, out_w = next(iter(outputs.values())).shape[-2:]
+    down_x, down_y = inp.shape[-1] / out_w, inp.shape[-2] / out_h
+    output = detector.decode(outputs, flip).to_image(meta, down_x, down_y)
+    if "mask_features" in outputs:  # the un-flipped image's, for the mask head after NMS
+        output = dataclasses.replace(output, mask_features=GridFeatures(outputs["mask_features"][:1], meta, down_x, down_y))
+    return output
+
+
 @torch.no_grad()
 def scale_output(heads: Heads, detector: Detector, image: np.ndarray, test: TestConfig, scale: float,
                  full_hw: tuple[int, int] | None = None) -> ScaleOutput:
     """One scale of the test pipeline: the detector's decode with its coordinates in image pixels."""
-    full_hw = full_hw or image.shape[:2]
-    inp, meta = test_input(image, scale * input_scale(detector, test, full_hw), test.pad, test.pad_add, full_hw)
+    inp, meta = _scale_input(detector, image, test, scale, full_hw)
     batch = torch.from_numpy(inp)[None]
     if test.flip:
         batch = torch.cat([batch, batch.flip(-1)])
-    outputs = heads(batch, meta)
-    out_h, out_w = next(iter(outputs.values())).shape[-2:]
-    down_x, down_y = inp.shape[-1] / out_w, inp.shape[-2] / out_h
-    output = detector.decode(outputs, test.flip).to_image(meta, down_x, down_y)
-    if "mask_features" in outputs:  # the un-flipped image's, for the mask head after NMS
-        output = dataclasses.replace(output, mask_features=GridFeatures(outputs["mask_features"][:1], meta, down_x, down_y))
-    return output
+    return _to_image(detector, heads(batch, meta), inp, meta, test.flip)
 
 
 @torch.no_grad()
@@ -80,6 +91,35 @@ def detect_with_heads(heads: Heads, detector: Detector, image: np.ndarray, test:
     where the detector has a mask head (CentripetalNet §3.3).
     """
     per_scale = [scale_output(heads, detector, image, test, scale, full_hw) for scale in test.scales]
+    return _finish(detector, per_scale, test)
+
+
+@torch.no_grad()
+def detect_batch(detector: Detector, images: Sequence[np.ndarray],
+                 full_hws: Sequence[tuple[int, int] | None]) -> list[Detections]:
+    """`detect_image` for several images (`test.batch_size`): at each scale the images whose network inputs share a
+    shape go through the network as one batch (each followed by its flip), then each is decoded on its own."""
+    detector.eval()
+    test = detector.test
+    copies = 2 if test.flip else 1
+    per_image: list[list[ScaleOutput]] = [[] for _ in images]
+    for scale in test.scales:
+        prepared = [_scale_input(detector, image, test, scale, hw) for image, hw in zip(images, full_hws, strict=True)]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, (inp, _) in enumerate(prepared):
+            by_shape.setdefault(inp.shape, []).append(i)
+        for members in by_shape.values():
+            batch = torch.from_numpy(np.stack([prepared[i][0] for i in members]))
+            if test.flip:
+                batch = torch.stack([batch, batch.flip(-1)], 1).flatten(0, 1)
+            outputs = detector.network_heads(batch, prepared[members[0]][1])  # the network reads no meta
+            for j, i in enumerate(members):
+                one = {key: value[j * copies:(j + 1) * copies] for key, value in outputs.items()}
+                per_image[i].append(_to_image(detector, one, *prepared[i], test.flip))
+    return [_finish(detector, per_scale, test) for per_scale in per_image]
+
+
+def _finish(detector: Detector, per_scale: list[ScaleOutput], test: TestConfig) -> Detections:
     dets = postprocess_image(detector, per_scale, test)
     return detector.predict_masks(dets, per_scale) if detector.has_masks else dets
 
@@ -169,13 +209,30 @@ def predict_dataset(
     if detect is not None or detector.device.type == "cpu":
         reuse_freed_memory()
     results: list[dict[str, Any]] = []
+    batch_size = 1 if detect is not None else detector.test.batch_size
+    if batch_size < 1:
+        raise KpnetError("test.batch_size", f"must be at least 1, got {batch_size}")
+    pending: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if detect is not None:
+            found = [detect(item["image"], item["full_hw"]) for item in pending]
+        elif batch_size == 1:
+            found = [detect_image(detector, item["image"], item["full_hw"]) for item in pending]
+        else:
+            found = detect_batch(detector, [item["image"] for item in pending], [item["full_hw"] for item in pending])
+        for item, dets in zip(pending, found, strict=True):
+            results.extend(to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals,
+                                           item["full_hw"], detector.test.mask_threshold))
+            if on_image:
+                on_image()
+        pending.clear()
+
     for item in iterate_images(index, num_workers, decode_side(detector, detector.test), positions):
-        image, full_hw = item["image"], item["full_hw"]
-        dets = detect(image, full_hw) if detect is not None else detect_image(detector, image, full_hw)
-        results += to_coco_results(dets, item["image_id"], index.cat_ids, detector.test.round_decimals, full_hw,
-                                   detector.test.mask_threshold)
-        if on_image:
-            on_image()
+        pending.append(item)
+        if len(pending) == batch_size:
+            flush()
+    flush()
     return results
 
 
