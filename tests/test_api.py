@@ -11,7 +11,7 @@ import kpnet
 from conftest import REPO, run_cli
 from kpnet.engine.checkpoint import save_checkpoint
 
-TINY = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16"]
+TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"]
 
 
 def test_detect_returns_image_pixel_boxes(shapes_small: Path, tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from kpnet.models import build_model
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16"]
+TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"]
 
 
 class Payload:
@@ -55,7 +55,7 @@ def test_bad_recipes(name: str, culprit: str) -> None:
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ckpt")
     recipe = load_recipe(QUICKSTART, TINY)
-    other = load_recipe(QUICKSTART, ["model.width=16", "model.up_channels=[16,16,16]", "model.head_conv=16"])
+    other = load_recipe(QUICKSTART, ["model.hg_dims=[16,16,24,24,32]", "model.head_conv=16"])
     save_checkpoint(d / "other_arch.pt", build_model(other), other)
     save_checkpoint(d / "good.pt", build_model(recipe), recipe)
     torch.save({"format": "kpnet-checkpoint-1", "model": {}, "evil": Payload()}, d / "pickled.pt")

@@ -25,7 +25,7 @@ from kpnet.io import _CountingFile, atomic_write, atomic_write_json
 from kpnet.models import build_model
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16", "train.batch_size=8",
+TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "train.batch_size=8",
         "data.num_workers=0", "train.warmup_iters=0"]
 
 

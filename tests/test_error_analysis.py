@@ -20,7 +20,7 @@ from conftest import REPO, run_cli, shared_data_dir
 DATA = shared_data_dir()
 COCO_TINY = DATA / "coco_tiny"
 RECIPE = REPO / "recipes" / "quickstart.yaml"
-TINY_MODEL = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16", "model.deformable=false"]
+TINY_MODEL = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"]
 AP_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 

@@ -76,7 +76,7 @@ def test_keeping_the_best_100_per_image_and_class_changes_no_score(shapes_small:
                           "annotations": [{**d, "id": i + 1, "area": d["bbox"][2] * d["bbox"][3], "iscrowd": 0}
                                           for i, d in enumerate(entries)]}
     everything.createIndex()
-    for backend in ("pycocotools", "faster"):
+    for backend in ("kpnet", "pycocotools", "faster"):
         assert evaluation.bbox_stats(gt, pruned, backend) == evaluation.bbox_stats(gt, everything, backend)
         assert evaluation.fd_rates(gt, pruned, backend) == evaluation.fd_rates(gt, everything, backend)
 

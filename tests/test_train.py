@@ -20,7 +20,7 @@ from kpnet.engine.checkpoint import read_checkpoint
 from kpnet.engine.train import lr_factor, train
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16", "train.batch_size=8",
+TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "train.batch_size=8",
         "data.num_workers=0", "train.log_every=1", "train.warmup_iters=0"]
 
 
