@@ -19,7 +19,7 @@ import torch
 from kpnet.config import load_recipe
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
 from kpnet.data.shapes import make_shapes
-from kpnet.engine.train import chunked_loss, encode_input_boxes
+from kpnet.engine.train import chunked_loss, encode_input_boxes, mixed_precision
 from kpnet.models import build_detector
 from kpnet.targets import output_size
 
@@ -37,16 +37,21 @@ def loader_rate(dataset: TrainDataset, batch: int, workers: int, batches: int) -
 
 
 def step_rate(recipe, batches: list[dict[str, torch.Tensor]]) -> float:  # type: ignore[no-untyped-def]
+    """Images/s of the training step as `kpnet train` runs it: the recipe's channels-last layout and autocast."""
     torch.manual_seed(0)
     detector = build_detector(recipe)
-    model = detector.network.train()
+    memory_format = torch.channels_last if recipe.train.channels_last else torch.contiguous_format
+    model = detector.network.to(memory_format=memory_format).train()
+    use_amp, amp_dtype = mixed_precision(recipe.train.amp, "cpu")
     opt = torch.optim.Adam(model.parameters(), lr=recipe.train.lr)
     times = []
     for batch in batches:
         batch = dict(batch)
-        images = batch.pop("image")
+        images = batch.pop("image").contiguous(memory_format=memory_format)
         tic = time.perf_counter()
-        loss = chunked_loss(detector.loss, model(images), batch, recipe.loss.chunk_size)["loss"]
+        with torch.autocast(device_type="cpu", dtype=amp_dtype, enabled=use_amp):
+            outputs = model(images)
+        loss = chunked_loss(detector.loss, outputs, batch, recipe.loss.chunk_size)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
