@@ -11,6 +11,7 @@ import difflib
 import re
 import types
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -208,26 +209,62 @@ def with_num_classes(recipe: Recipe, count: int) -> Recipe:
 
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MASK_FAMILIES = ("centripetalnet",)  # families whose network has the instance-mask head (CentripetalNet §3.3)
+# The `model` keys each backbone and family reads beside `backbone` and `num_classes` (kpnet/backbones,
+# kpnet/detectors; tests/test_config.py holds the tables to the networks built). A recipe that sets another to
+# other than its default would change nothing, so it stops at load time.
+BACKBONE_KEYS: dict[str, tuple[str, ...]] = {
+    **{name: ("width", "up_channels", "deformable") for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
+    "hourglass_small": ("stacks", "hg_dims", "hg_modules", "hg_stem", "hg_cnv"),
+    "hourglass104": (), "hourglass52": (), "dla34": (),
+}
+FAMILY_KEYS: dict[str, tuple[str, ...]] = {
+    "centernet_points": ("head_conv",), "centernet_pose": ("head_conv",), "cornernet": ("cascade",),
+    "centernet_triplet": ("cascade", "center_pool"), "centripetalnet": ("mask",),
+}
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Load a recipe YAML (following `extends:`), apply `key=value` overrides, validate, freeze."""
     path = Path(path)
     raw = _read_with_extends(path, seen=(), root=path.resolve().parent)
+    items: list[tuple[str, Any]] = []
     if overrides:
-        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+        items = list(overrides.items()) if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
         for key, value in items:
             _set_dotted(raw, key, value, source="--set")
     raw.setdefault("source", str(path))
-    return recipe_from_dict(raw, source=str(path))
+    recipe = recipe_from_dict(raw, source=str(path))
+    own_model = _read_yaml(path).get("model")  # the file's own keys: those it inherits through `extends:` it cannot unset
+    _check_model_keys_read(recipe, own_model if isinstance(own_model, dict) else {}, str(path))
+    _check_model_keys_read(recipe, _model_keys(key for key, _ in items), "--set")
+    return recipe
 
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """A recipe (e.g. a checkpoint's) with `key=value` overrides applied and checked as `load_recipe` does."""
     raw = recipe.to_dict()
-    for key, value in (_split_override(o) for o in overrides):
+    items = [_split_override(o) for o in overrides]
+    for key, value in items:
         _set_dotted(raw, key, value, source="--set")
-    return recipe_from_dict(raw, source=recipe.source or "--set")
+    changed = recipe_from_dict(raw, source=recipe.source or "--set")
+    _check_model_keys_read(changed, _model_keys(key for key, _ in items), "--set")
+    return changed
+
+
+def _model_keys(dotted: Iterable[str]) -> list[str]:
+    return [key.removeprefix("model.") for key in dotted if key.startswith("model.")]
+
+
+def _check_model_keys_read(recipe: Recipe, keys: Iterable[str], source: str) -> None:
+    """Each of `keys` (model keys a recipe file or `--set` names) set to other than its default must be one that the
+    recipe's backbone or family reads."""
+    model, default = recipe.model, ModelConfig()
+    read = ("backbone", "num_classes", *BACKBONE_KEYS[model.backbone], *FAMILY_KEYS[recipe.family])
+    for key in keys:
+        if key not in read and key in ModelConfig.__dataclass_fields__ and getattr(model, key) != getattr(default, key):
+            used = ", ".join(read[2:]) or "none of the others"
+            raise KpnetError(source, f"model.{key}: neither the {model.backbone} backbone nor the {recipe.family} "
+                                     f"family reads it (they read {used}); remove it")
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:

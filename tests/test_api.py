@@ -8,14 +8,13 @@ import cv2
 import torch
 
 import kpnet
-from conftest import REPO, run_cli
+from conftest import REPO, TINY_QUICKSTART, run_cli
 from kpnet.engine.checkpoint import save_checkpoint
 
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"]
 
 
 def test_detect_returns_image_pixel_boxes(shapes_small: Path, tmp_path: Path) -> None:
-    recipe = kpnet.load_recipe(REPO / "recipes" / "quickstart.yaml", TINY + ["test.k=7"])
+    recipe = kpnet.load_recipe(REPO / "recipes" / "quickstart.yaml", TINY_QUICKSTART + ["test.k=7"])
     torch.manual_seed(0)
     detector = kpnet.build_detector(recipe)
     assert detector.recipe is recipe and isinstance(detector, kpnet.Detector)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, TINY_QUICKSTART
 from kpnet.cli import app
 from kpnet.config import load_recipe
 from kpnet.data.dataset import read_image
@@ -25,7 +25,7 @@ CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 IMAGES = CORPUS / "images"
 GT = CORPUS / "clean_coco.json"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "model.num_classes=1",
+TINY = [*TINY_QUICKSTART, "model.num_classes=1",
         "data.num_workers=0", "train.batch_size=1", "train.max_iterations=1", "train.warmup_iters=0",
         "train.channels_last=false"]  # batch 1 + bf16 autocast + channels-last aborts on this CPU (reported)
 BOX = "[8, 5, 22, 15]"

@@ -10,14 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, run_cli
+from conftest import REPO, TINY_QUICKSTART, run_cli
 from kpnet.config import load_recipe
 from kpnet.engine.checkpoint import save_checkpoint
 from kpnet.models import build_model
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"]
 
 
 class Payload:
@@ -54,7 +53,7 @@ def test_bad_recipes(name: str, culprit: str) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("ckpt")
-    recipe = load_recipe(QUICKSTART, TINY)
+    recipe = load_recipe(QUICKSTART, TINY_QUICKSTART)
     other = load_recipe(QUICKSTART, ["model.hg_dims=[16,16,24,24,32]", "model.head_conv=16"])
     save_checkpoint(d / "other_arch.pt", build_model(other), other)
     save_checkpoint(d / "good.pt", build_model(recipe), recipe)
@@ -81,7 +80,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def test_bad_checkpoints(checkpoints: dict[str, Path], shapes_small: Path, name: str, culprit: str, capfd) -> None:  # type: ignore[no-untyped-def]
     path = checkpoints.get(name, checkpoints["good"].parent / "missing.pt")
     args = ["eval", str(QUICKSTART), "--checkpoint", str(path), "--json", "--set", f"data.root={shapes_small}"]
-    for s in TINY:
+    for s in TINY_QUICKSTART:
         args += ["--set", s]
     proc = run_cli(*args)
     assert_one_line_error(proc, culprit, path)

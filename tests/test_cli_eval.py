@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, parse_json_stdout, run_cli
+from conftest import REPO, TINY_QUICKSTART, parse_json_stdout, run_cli
 from kpnet.config import load_recipe
 from kpnet.engine.checkpoint import save_checkpoint
 from kpnet.models import build_model
@@ -44,7 +44,7 @@ def test_eval_gt_dets_usage_errors(data_dir: Path) -> None:
 
 
 def test_eval_checkpoint_writes_results_and_checks_min_ap(shapes_small: Path, tmp_path: Path) -> None:
-    sets = [f"data.root={shapes_small}", "model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16",
+    sets = [f"data.root={shapes_small}", *TINY_QUICKSTART,
             "data.num_workers=0"]
     recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", sets)
     ckpt = tmp_path / "ckpt.pt"

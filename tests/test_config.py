@@ -155,3 +155,84 @@ def test_enums_match_what_the_code_builds() -> None:
 def test_hard_nms_can_be_chosen_from_a_recipe() -> None:
     r = load_recipe(REPO / "recipes" / "quickstart.yaml", ["test.nms=hard"])
     assert r.test.nms == "hard"
+
+
+def test_a_model_key_the_network_does_not_read_stops_at_load_time(tmp_path: Path) -> None:
+    """A key of another backbone or family (set to other than its default) would change nothing: an error naming
+    where it was set, the key, and the keys the network does read."""
+    from kpnet.config import with_overrides
+
+    quickstart = REPO / "recipes" / "quickstart.yaml"
+    with pytest.raises(KpnetError) as e:
+        load_recipe(quickstart, ["model.width=8"])
+    line = e.value.line()
+    assert line.startswith("--set: model.width:") and "hourglass_small" in line and "hg_dims" in line
+    assert load_recipe(quickstart, ["model.width=64"]).model.width == 64  # the default: harmless
+
+    mine = tmp_path / "mine.yaml"
+    res18 = REPO / "recipes" / "centernet_points_res18.yaml"
+    mine.write_text(f"extends: {res18}\nmodel:\n  backbone: dla34\n  up_channels: [64, 32, 32]\n")
+    with pytest.raises(KpnetError) as e:
+        load_recipe(mine)
+    line = e.value.line()
+    assert line.startswith(f"{mine}: model.up_channels:") and "dla34" in line and "head_conv" in line
+    mine.write_text(f"extends: {res18}\nmodel:\n  backbone: dla34\n")  # inherited ResNet keys cannot be unset
+    assert load_recipe(mine).model.backbone == "dla34"
+
+    with pytest.raises(KpnetError, match=r"--set: model.head_conv: neither the hourglass_small backbone nor the "
+                                         r"cornernet family reads it \(they read stacks, .*, cascade\)"):
+        with_overrides(load_recipe(REPO / "recipes" / "cornernet_small_shapes.yaml"), ["model.head_conv=16"])
+
+
+def test_train_with_a_key_the_network_does_not_read_exits_2(tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    proc = run_cli("train", "recipes/quickstart.yaml", "--set", "model.deformable=false", "--out", str(tmp_path / "t"))
+    assert proc.returncode == 2 and not (tmp_path / "t").exists()
+    line = proc.stderr.strip().splitlines()
+    assert len(line) == 1 and "model.deformable: neither the hourglass_small backbone" in line[0]
+
+
+# A value other than the default for each model key the tables below cover.
+CHANGED = {"width": 32, "up_channels": [64, 32, 32], "deformable": False, "head_conv": 32, "cascade": True,
+           "center_pool": False, "stacks": 1, "hg_dims": [16, 16, 16, 16, 16], "hg_modules": [1, 1, 1, 1, 1],
+           "hg_stem": 8, "hg_cnv": 16, "mask": True}
+
+
+def network_signature(family: str, model: dict) -> list:
+    """The network's modules, their plain settings and the parameter shapes (built on the meta device)."""
+    import torch
+
+    from kpnet.models import build_model
+
+    with torch.device("meta"):
+        network = build_model(recipe_from_dict({"family": family, "model": {"num_classes": 3, **model}}))
+    signature: list = [(name, tuple(p.shape)) for name, p in network.state_dict().items()]
+    for name, module in network.named_modules():
+        settings = sorted((k, v) for k, v in vars(module).items()
+                          if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, tuple)))
+        signature.append((name, type(module).__name__, settings))
+    return signature
+
+
+def test_model_key_tables_match_the_networks_built() -> None:
+    """BACKBONE_KEYS / FAMILY_KEYS: changing a key changes the network exactly when the table says it is read."""
+    import typing
+
+    from kpnet.config import BACKBONE_KEYS, FAMILY_KEYS, MASK_FAMILIES, Backbone, Family, ModelConfig
+
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(ModelConfig)} - {"backbone", "num_classes"}
+    assert set(BACKBONE_KEYS) == set(typing.get_args(Backbone)) and set(FAMILY_KEYS) == set(typing.get_args(Family))
+    for backbone in BACKBONE_KEYS:
+        base = network_signature("centernet_points", {"backbone": backbone})
+        for key in set(CHANGED) - {"mask", *FAMILY_KEYS["centernet_points"]}:
+            changed = network_signature("centernet_points", {"backbone": backbone, key: CHANGED[key]})
+            assert (changed != base) == (key in BACKBONE_KEYS[backbone]), (backbone, key)
+    small = {"backbone": "hourglass_small", "stacks": 1}
+    for family in FAMILY_KEYS:
+        base = network_signature(family, small)
+        for key in set(CHANGED) - set(BACKBONE_KEYS["hourglass_small"]):
+            if key == "mask" and family not in MASK_FAMILIES:
+                continue  # refused by the schema itself (tests/test_masks.py)
+            changed = network_signature(family, {**small, key: CHANGED[key]})
+            assert (changed != base) == (key in FAMILY_KEYS[family]), (family, key)

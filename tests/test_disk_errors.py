@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import typer
 
-from conftest import REPO
+from conftest import REPO, TINY_QUICKSTART
 from kpnet.cli.common import run
 from kpnet.config import load_recipe
 from kpnet.engine.checkpoint import read_checkpoint, save_checkpoint
@@ -25,7 +25,7 @@ from kpnet.io import _CountingFile, atomic_write, atomic_write_json
 from kpnet.models import build_model
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "train.batch_size=8",
+TINY = [*TINY_QUICKSTART, "train.batch_size=8",
         "data.num_workers=0", "train.warmup_iters=0"]
 
 

@@ -15,12 +15,11 @@ from kpnet.cli.error_analysis import parse_groups, row_label
 from kpnet.models import FAMILIES
 from kpnet.errors import KpnetError
 
-from conftest import REPO, run_cli, shared_data_dir
+from conftest import REPO, TINY_HOURGLASS, TINY_QUICKSTART, run_cli, shared_data_dir
 
 DATA = shared_data_dir()
 COCO_TINY = DATA / "coco_tiny"
 RECIPE = REPO / "recipes" / "quickstart.yaml"
-TINY_MODEL = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"]
 AP_KEYS = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
 
 
@@ -50,7 +49,7 @@ def shapes_setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[s
 
     root = tmp_path_factory.mktemp("ea_shapes")
     make_shapes(root / "shapes", num_train=8, num_val=6, image_size=128, seed=1)
-    overrides = [f"data.root={root / 'shapes'}", "data.num_workers=0", *TINY_MODEL]
+    overrides = [f"data.root={root / 'shapes'}", "data.num_workers=0", *TINY_QUICKSTART]
     return untrained_checkpoint(root / "ckpt.pt", overrides), overrides
 
 
@@ -112,7 +111,7 @@ def test_all_heads_replaced_on_coco_tiny(tmp_path: Path) -> None:
     overrides = [
         f"data.root={COCO_TINY}", "data.train_ann=annotations/instances_train2017.json", "data.train_images=train2017",
         "data.val_ann=annotations/instances_val2017.json", "data.val_images=val2017", "model.num_classes=80",
-        "data.num_workers=0", "test.input_size=null", *TINY_MODEL,  # the oracle at the original resolution
+        "data.num_workers=0", "test.input_size=null", *TINY_QUICKSTART,  # the oracle at the original resolution
     ]
     ckpt = untrained_checkpoint(tmp_path / "ckpt.pt", overrides)
     result = CliRunner().invoke(app, ["error-analysis", str(RECIPE), "--checkpoint", str(ckpt), *_sets(overrides),
@@ -135,8 +134,7 @@ def test_all_heads_replaced_for_corner_families_on_shapes(family: str, shapes_se
     overrides = [
         f"data.root={root}", "data.train_ann=annotations/instances_train.json", "data.train_images=train",
         "data.val_ann=annotations/instances_val.json", "data.val_images=val", "data.num_workers=0",
-        "model.num_classes=6", "model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
-        "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8",
+        "model.num_classes=6", *TINY_HOURGLASS,
     ]
     recipe_path = REPO / "recipes" / f"{family}_hg52.yaml"
     recipe = load_recipe(recipe_path, overrides)

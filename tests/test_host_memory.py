@@ -59,7 +59,8 @@ from kpnet.api import load_checkpoint
 from kpnet.data.dataset import load_index
 root, out, step = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 recipe = load_recipe(Path("recipes/quickstart.yaml"), [f"data.root={root}", "data.num_workers=0",
-                     "train.max_iterations=1", "model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16"])
+                     "train.max_iterations=1", "model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16",
+                     "model.head_conv=16"])
 if step == "train":
     train(recipe, out)
 else:

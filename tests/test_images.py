@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, TINY_QUICKSTART
 from kpnet.cli import app
 from kpnet.config import load_recipe
 from kpnet.data import dataset, images
@@ -31,7 +31,7 @@ H, W = 60, 80
 BOX = (20, 10, 50, 30)  # x1, y1, x2, y2 of the red block in the image as shown
 RED_BGR = (0, 0, 220)
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "model.num_classes=1",
+TINY = [*TINY_QUICKSTART, "model.num_classes=1",
         "data.num_workers=0", "train.batch_size=1", "train.max_iterations=2", "train.warmup_iters=0",
         "train.channels_last=false", "test.input_size=64"]
 
@@ -183,7 +183,7 @@ from kpnet.config import load_recipe
 from kpnet.engine.inference import predict_files
 from kpnet.models import build_detector
 torch.set_num_threads(1)
-sets = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "model.num_classes=1",
+sets = [*TINY_QUICKSTART, "model.num_classes=1",
         "test.input_size=128"]
 detector = build_detector(load_recipe(sys.argv[1], sets))
 list(predict_files(detector, [Path(sys.argv[3])]))  # warm up on a small image

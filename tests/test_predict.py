@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, TINY_RESNET
 from kpnet.cli import app
 
 CUSTOM = REPO / "recipes" / "custom_small.yaml"
@@ -98,8 +98,7 @@ def test_predict_usage_errors_exit_2_and_write_nothing(args: list[str], culprit:
     from kpnet.engine.checkpoint import save_checkpoint
     from kpnet.models import build_model
 
-    recipe = load_recipe(CUSTOM, ["model.num_classes=1", "model.width=8", "model.up_channels=[16,16,16]",
-                                  "model.head_conv=16"])
+    recipe = load_recipe(CUSTOM, ["model.num_classes=1", *TINY_RESNET])
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model(recipe), recipe, iteration=0)
     (tmp_path / "empty").mkdir()
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((20, 30, 3), np.uint8))
@@ -122,8 +121,7 @@ def test_predict_streams_unlabelled_images_with_ids_in_input_order(tmp_path: Pat
     from kpnet.engine.checkpoint import save_checkpoint
     from kpnet.models import build_model
 
-    recipe = load_recipe(CUSTOM, ["model.num_classes=2", "model.width=8", "model.up_channels=[16,16,16]",
-                                  "model.head_conv=16", "data.num_workers=0"])
+    recipe = load_recipe(CUSTOM, ["model.num_classes=2", *TINY_RESNET, "data.num_workers=0"])
     ckpt = save_checkpoint(tmp_path / "m.pt", build_model(recipe), recipe, iteration=0, class_names=["a", "b"],
                            cat_ids=[3, 7])
     folder = tmp_path / "imgs"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import REPO
+from conftest import REPO, TINY_RESNET
 from kpnet.cli import app
 from kpnet.config import load_recipe, resolved_input_size
 from kpnet.data.dataset import data_overrides, load_split
@@ -26,7 +26,7 @@ from kpnet.errors import KpnetError, KpnetWarning
 
 CUSTOM = REPO / "recipes" / "custom_small.yaml"
 QUICK = ["data.num_workers=0", "train.batch_size=2", "train.iterations=2", "train.warmup_iters=0",
-         "train.channels_last=false", "model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16"]
+         "train.channels_last=false", *TINY_RESNET]
 PAPER = ["centernet_points_res18", "centernet_points_res101", "centernet_points_res101_multiscale",
          "centernet_points_dla34", "centernet_points_hg104", "cornernet_hg104", "cornernet_hg104_multiscale",
          "cornernet_hg52", "centernet_triplet_hg104", "centernet_triplet_hg104_multiscale", "centernet_triplet_hg52",

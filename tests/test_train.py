@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, parse_json_stdout, run_cli
+from conftest import REPO, TINY_QUICKSTART, parse_json_stdout, run_cli
 from kpnet.config import load_recipe
 from kpnet.engine.checkpoint import read_checkpoint
 from kpnet.engine.train import lr_factor, train
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "train.batch_size=8",
+TINY = [*TINY_QUICKSTART, "train.batch_size=8",
         "data.num_workers=0", "train.log_every=1", "train.warmup_iters=0"]
 
 

@@ -18,7 +18,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import REPO, parse_json_stdout, run_cli
+from conftest import REPO, TINY_QUICKSTART, parse_json_stdout, run_cli
 from kpnet.cli import app
 from kpnet.config import load_recipe
 from kpnet.engine import train as engine
@@ -27,7 +27,7 @@ from kpnet.errors import KpnetError
 from kpnet.io import LOCK_NAME, run_lock
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"
-TINY = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16", "train.batch_size=8",
+TINY = [*TINY_QUICKSTART, "train.batch_size=8",
         "data.num_workers=0", "train.log_every=1", "train.warmup_iters=0", "train.epochs=100"]
 ENV = {"OMP_NUM_THREADS": "1"}
 

@@ -19,7 +19,7 @@ from kpnet.data.shapes import CLASS_NAMES
 from kpnet.data import transforms
 from kpnet.viz import GT_COLOUR, heat_to_image
 
-from conftest import REPO, run_cli, shared_data_dir
+from conftest import REPO, TINY_HOURGLASS, TINY_QUICKSTART, run_cli, shared_data_dir
 
 DATA = shared_data_dir()
 COCO_VAL = DATA / "coco_tiny" / "annotations" / "instances_val2017.json"
@@ -33,8 +33,7 @@ def save_untrained(path: Path, overrides: list[str]) -> Path:
     from kpnet.engine.checkpoint import save_checkpoint
     from kpnet.models import build_model
 
-    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [
-        "model.width=8", "model.up_channels=[16,16,16]", "model.head_conv=16", "test.k=3", *overrides])
+    recipe = load_recipe(REPO / "recipes" / "quickstart.yaml", [*TINY_QUICKSTART, "test.k=3", *overrides])
     torch.manual_seed(0)
     model = build_model(recipe)
     with torch.no_grad():
@@ -62,13 +61,14 @@ def changed(path: str | Path, source: np.ndarray) -> np.ndarray:
 
 
 def outline(box: list[float], shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """Pixel coordinates (ys, xs) of a box's rounded outline, inside the image."""
+    """Pixel coordinates (ys, xs) of a box's rounded outline: its sides that lie inside the image."""
     h, w = shape[:2]
     x1, y1, x2, y2 = (int(round(v)) for v in box)
-    x1, x2, y1, y2 = max(x1, 0), min(x2, w - 1), max(y1, 0), min(y2, h - 1)
-    xs = np.r_[np.arange(x1, x2 + 1), np.arange(x1, x2 + 1), np.full(y2 - y1 + 1, x1), np.full(y2 - y1 + 1, x2)]
-    ys = np.r_[np.full(x2 - x1 + 1, y1), np.full(x2 - x1 + 1, y2), np.arange(y1, y2 + 1), np.arange(y1, y2 + 1)]
-    return ys, xs
+    cx1, cx2, cy1, cy2 = max(x1, 0), min(x2, w - 1), max(y1, 0), min(y2, h - 1)
+    across, down = np.arange(cx1, cx2 + 1), np.arange(cy1, cy2 + 1)
+    sides = [(np.full(len(across), y), across) for y in (y1, y2) if 0 <= y < h]
+    sides += [(down, np.full(len(down), x)) for x in (x1, x2) if 0 <= x < w]
+    return np.concatenate([s[0] for s in sides]), np.concatenate([s[1] for s in sides])
 
 
 def near_boxes(boxes: list[list[float]], shape: tuple[int, ...], pad: int = 3) -> np.ndarray:
@@ -114,7 +114,7 @@ def test_ground_truth_overlay_and_heatmaps(setup: dict[str, Path], tmp_path: Pat
     image = setup["shapes"] / "val" / "000003.jpg"
     ann = setup["shapes"] / "annotations" / "instances_val.json"
     recipe = ["--recipe", str(REPO / "recipes" / "quickstart.yaml"), "--set", f"data.root={setup['shapes']}",
-              "--set", "model.width=8", "--set", "model.up_channels=[16,16,16]", "--set", "model.head_conv=16"]
+              *[a for v in TINY_QUICKSTART for a in ("--set", v)]]
     result = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(setup["ckpt"]), *recipe, "--gt", str(ann),
                                       "--score-thresh", "1", "--heatmaps", "--out", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.stderr
@@ -227,8 +227,7 @@ def test_heat_heads_of_the_triplet_family(setup: dict[str, Path], tmp_path: Path
 
     recipe = load_recipe(REPO / "recipes" / "centernet_triplet_hg52.yaml", [
         f"data.root={setup['shapes']}", "data.val_ann=annotations/instances_val.json", "data.val_images=val",
-        "model.num_classes=6", "model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
-        "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8"])
+        "model.num_classes=6", *TINY_HOURGLASS])
     ckpt = save_checkpoint(tmp_path / "ckpt.pt", build_model(recipe), recipe)
     image = setup["shapes"] / "val" / "000001.jpg"
     result = CliRunner().invoke(app, ["viz", str(image), "--checkpoint", str(ckpt), "--heatmaps", "--out", str(tmp_path), "--json"])
@@ -255,10 +254,6 @@ def test_draw_regions_outlines_region_and_marks_its_centre() -> None:
     assert diff[50, 40]  # the validating centre's dot
     assert not diff[20, 90]  # the second box has no centre: its inside stays untouched
     assert not diff[90, 5]
-
-
-TINY_HOURGLASS = ("model.backbone=hourglass_small", "model.stacks=1", "model.hg_dims=[8,8,8,8,8]",
-                  "model.hg_modules=[1,1,1,1,1]", "model.hg_stem=8", "model.hg_cnv=8")
 
 
 def tiny_checkpoint(path: Path, recipe_name: str, shapes: Path, *overrides: str) -> Path:
