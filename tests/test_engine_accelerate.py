@@ -201,6 +201,18 @@ def test_precision_auto_follows_native_bf16(monkeypatch: pytest.MonkeyPatch) -> 
     assert accelerate.plan(fp32, cpu, "hourglass104").precision == "fp32"
 
 
+def test_training_autocasts_to_bf16_only_on_native_bf16_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`train.amp` follows the engine's native-bf16 rule on CPU (not oneDNN's, true on any AVX512 CPU)."""
+    from kpnet.engine.train import mixed_precision
+
+    monkeypatch.setattr(accelerate, "native_bf16_cpu", lambda: False)
+    assert mixed_precision(True, "cpu") == (False, torch.bfloat16)
+    monkeypatch.setattr(accelerate, "native_bf16_cpu", lambda: True)
+    assert mixed_precision(True, "cpu") == (torch.backends.mkldnn.is_available(), torch.bfloat16)
+    assert mixed_precision(False, "cpu")[0] is False
+    assert mixed_precision(True, "cuda") == (True, torch.float16)
+
+
 def test_compile_switch_reads_yaml_on_off_and_rejects_other_values() -> None:
     assert recipe_from_dict({"test": {"compile": False}}).test.compile == "off"  # YAML's unquoted `off`
     assert recipe_from_dict({"test": {"compile": True}}).test.compile == "on"

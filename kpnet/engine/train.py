@@ -42,7 +42,7 @@ from kpnet.config import Recipe, TrainConfig, with_num_classes
 from kpnet.data.dataset import EpochBatchSampler, TrainDataset, collate, load_split
 from kpnet.data.validate import require_segmentations
 from kpnet.detectors.base import TargetRenderer
-from kpnet.engine import distributed
+from kpnet.engine import accelerate, distributed
 from kpnet.engine.checkpoint import checkpoint_recipe, load_weights, read_checkpoint, resume_differences, save_checkpoint
 from kpnet.engine.host_memory import reuse_freed_memory
 from kpnet.errors import KpnetError
@@ -123,11 +123,11 @@ def schedule(tr: TrainConfig, per_epoch: int) -> tuple[int, list[int]]:
 
 
 def mixed_precision(amp: bool, device: str) -> tuple[bool, torch.dtype]:
-    """Whether to autocast and to which dtype: float16 on CUDA, bfloat16 on CPUs that run it natively."""
+    """Whether to autocast and to which dtype: float16 on CUDA, bfloat16 on CPUs that run it natively (the inference
+    engine's rule: AVX512-BF16 or AMX; oneDNN's own check also passes on plain AVX512, where bf16 is emulated)."""
     if device == "cuda":
         return amp, torch.float16
-    native_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return amp and native_bf16, torch.bfloat16
+    return amp and torch.backends.mkldnn.is_available() and accelerate.native_bf16_cpu(), torch.bfloat16
 
 
 def chunked_loss(
