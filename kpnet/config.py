@@ -209,18 +209,24 @@ def with_num_classes(recipe: Recipe, count: int) -> Recipe:
 
 SHIPPED_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 MASK_FAMILIES = ("centripetalnet",)  # families whose network has the instance-mask head (CentripetalNet §3.3)
-# The `model` keys each backbone and family reads beside `backbone` and `num_classes` (kpnet/backbones,
-# kpnet/detectors; tests/test_config.py holds the tables to the networks built). A recipe that sets another to
-# other than its default would change nothing, so it stops at load time.
+# The keys that only some backbones or families read (kpnet/backbones, kpnet/detectors; tests/test_config.py holds
+# the tables to the networks and losses built). A recipe that sets one its backbone and family do not read, to other
+# than its default, would change nothing, so it stops at load time.
 BACKBONE_KEYS: dict[str, tuple[str, ...]] = {
-    **{name: ("width", "up_channels", "deformable") for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
-    "hourglass_small": ("stacks", "hg_dims", "hg_modules", "hg_stem", "hg_cnv"),
+    **{name: ("model.width", "model.up_channels", "model.deformable")
+       for name in ("resnet18", "resnet34", "resnet50", "resnet101")},
+    "hourglass_small": ("model.stacks", "model.hg_dims", "model.hg_modules", "model.hg_stem", "model.hg_cnv"),
     "hourglass104": (), "hourglass52": (), "dla34": (),
 }
+_CORNER_KEYS = ("model.cascade", "loss.pull_weight", "loss.push_weight")
 FAMILY_KEYS: dict[str, tuple[str, ...]] = {
-    "centernet_points": ("head_conv",), "centernet_pose": ("head_conv",), "cornernet": ("cascade",),
-    "centernet_triplet": ("cascade", "center_pool"), "centripetalnet": ("mask",),
+    "centernet_points": ("model.head_conv", "loss.wh_weight"),
+    "centernet_pose": ("model.head_conv", "loss.wh_weight", "loss.hp_weight", "loss.hm_hp_weight"),
+    "cornernet": _CORNER_KEYS,
+    "centernet_triplet": (*_CORNER_KEYS, "model.center_pool"),
+    "centripetalnet": ("model.mask", "loss.guiding_weight", "loss.centripetal_weight"),
 }
+_SPECIFIC_KEYS = frozenset(k for table in (BACKBONE_KEYS, FAMILY_KEYS) for keys in table.values() for k in keys)
 
 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
@@ -234,9 +240,10 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
             _set_dotted(raw, key, value, source="--set")
     raw.setdefault("source", str(path))
     recipe = recipe_from_dict(raw, source=str(path))
-    own_model = _read_yaml(path).get("model")  # the file's own keys: those it inherits through `extends:` it cannot unset
-    _check_model_keys_read(recipe, own_model if isinstance(own_model, dict) else {}, str(path))
-    _check_model_keys_read(recipe, _model_keys(key for key, _ in items), "--set")
+    own = _read_yaml(path)  # the file's own keys: those it inherits through `extends:` it cannot unset
+    _check_keys_read(recipe, [f"{section}.{key}" for section, keys in own.items() if isinstance(keys, dict)
+                              for key in keys], str(path))
+    _check_keys_read(recipe, [key for key, _ in items], "--set")
     return recipe
 
 
@@ -247,24 +254,22 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     for key, value in items:
         _set_dotted(raw, key, value, source="--set")
     changed = recipe_from_dict(raw, source=recipe.source or "--set")
-    _check_model_keys_read(changed, _model_keys(key for key, _ in items), "--set")
+    _check_keys_read(changed, [key for key, _ in items], "--set")
     return changed
 
 
-def _model_keys(dotted: Iterable[str]) -> list[str]:
-    return [key.removeprefix("model.") for key in dotted if key.startswith("model.")]
-
-
-def _check_model_keys_read(recipe: Recipe, keys: Iterable[str], source: str) -> None:
-    """Each of `keys` (model keys a recipe file or `--set` names) set to other than its default must be one that the
-    recipe's backbone or family reads."""
-    model, default = recipe.model, ModelConfig()
-    read = ("backbone", "num_classes", *BACKBONE_KEYS[model.backbone], *FAMILY_KEYS[recipe.family])
+def _check_keys_read(recipe: Recipe, keys: Iterable[str], source: str) -> None:
+    """Each of `keys` (dotted keys a recipe file or `--set` names) that only some backbones or families read, set to
+    other than its default, must be one that the recipe's backbone or family reads."""
+    read = (*BACKBONE_KEYS[recipe.model.backbone], *FAMILY_KEYS[recipe.family])
     for key in keys:
-        if key not in read and key in ModelConfig.__dataclass_fields__ and getattr(model, key) != getattr(default, key):
-            used = ", ".join(read[2:]) or "none of the others"
-            raise KpnetError(source, f"model.{key}: neither the {model.backbone} backbone nor the {recipe.family} "
-                                     f"family reads it (they read {used}); remove it")
+        if key not in _SPECIFIC_KEYS or key in read:
+            continue
+        section, name = key.split(".")
+        if getattr(getattr(recipe, section), name) != getattr(getattr(Recipe(), section), name):
+            same = ", ".join(k for k in read if k.startswith(f"{section}.")) or f"no other {section} keys"
+            raise KpnetError(source, f"{key}: neither the {recipe.model.backbone} backbone nor the {recipe.family} "
+                                     f"family reads it (they read {same}); remove it")
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:

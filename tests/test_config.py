@@ -179,9 +179,13 @@ def test_a_model_key_the_network_does_not_read_stops_at_load_time(tmp_path: Path
     mine.write_text(f"extends: {res18}\nmodel:\n  backbone: dla34\n")  # inherited ResNet keys cannot be unset
     assert load_recipe(mine).model.backbone == "dla34"
 
+    cornernet = load_recipe(REPO / "recipes" / "cornernet_small_shapes.yaml")
     with pytest.raises(KpnetError, match=r"--set: model.head_conv: neither the hourglass_small backbone nor the "
-                                         r"cornernet family reads it \(they read stacks, .*, cascade\)"):
-        with_overrides(load_recipe(REPO / "recipes" / "cornernet_small_shapes.yaml"), ["model.head_conv=16"])
+                                         r"cornernet family reads it \(they read model.stacks, .*, model.cascade\)"):
+        with_overrides(cornernet, ["model.head_conv=16"])
+    with pytest.raises(KpnetError, match=r"--set: loss.wh_weight: .* \(they read loss.pull_weight, loss.push_weight\)"):
+        with_overrides(cornernet, ["loss.wh_weight=0.2"])
+    assert with_overrides(cornernet, ["loss.pull_weight=0.2"]).loss.pull_weight == 0.2
 
 
 def test_train_with_a_key_the_network_does_not_read_exits_2(tmp_path: Path) -> None:
@@ -193,20 +197,34 @@ def test_train_with_a_key_the_network_does_not_read_exits_2(tmp_path: Path) -> N
     assert len(line) == 1 and "model.deformable: neither the hourglass_small backbone" in line[0]
 
 
-# A value other than the default for each model key the tables below cover.
-CHANGED = {"width": 32, "up_channels": [64, 32, 32], "deformable": False, "head_conv": 32, "cascade": True,
-           "center_pool": False, "stacks": 1, "hg_dims": [16, 16, 16, 16, 16], "hg_modules": [1, 1, 1, 1, 1],
-           "hg_stem": 8, "hg_cnv": 16, "mask": True}
+# A value other than the default for each key the tables below cover.
+CHANGED = {"model.width": 32, "model.up_channels": [64, 32, 32], "model.deformable": False, "model.head_conv": 32,
+           "model.cascade": True, "model.center_pool": False, "model.stacks": 1, "model.hg_dims": [16, 16, 16, 16, 16],
+           "model.hg_modules": [1, 1, 1, 1, 1], "model.hg_stem": 8, "model.hg_cnv": 16, "model.mask": True,
+           "loss.wh_weight": 0.3, "loss.pull_weight": 0.3, "loss.push_weight": 0.3, "loss.guiding_weight": 0.3,
+           "loss.centripetal_weight": 0.3, "loss.hp_weight": 0.3, "loss.hm_hp_weight": 0.3}
+READ_BY_ALL = {"model.backbone", "model.num_classes", "loss.hm_weight", "loss.off_weight", "loss.chunk_size",
+               "loss.mask_weight"}  # mask_weight: read by the mask head (model.mask), which the schema checks
+SMALL = {"model.backbone": "hourglass_small", "model.stacks": 1, "model.hg_dims": [8, 8, 8, 8, 8],
+         "model.hg_modules": [1, 1, 1, 1, 1], "model.hg_stem": 8, "model.hg_cnv": 8}
 
 
-def network_signature(family: str, model: dict) -> list:
+def small_recipe(family: str, keys: dict) -> Recipe:
+    raw: dict = {"family": family}
+    for key, value in {"model.num_classes": 3, **keys}.items():
+        section, name = key.split(".")
+        raw.setdefault(section, {})[name] = value
+    return recipe_from_dict(raw)
+
+
+def network_signature(family: str, keys: dict) -> list:
     """The network's modules, their plain settings and the parameter shapes (built on the meta device)."""
     import torch
 
     from kpnet.models import build_model
 
     with torch.device("meta"):
-        network = build_model(recipe_from_dict({"family": family, "model": {"num_classes": 3, **model}}))
+        network = build_model(small_recipe(family, keys))
     signature: list = [(name, tuple(p.shape)) for name, p in network.state_dict().items()]
     for name, module in network.named_modules():
         settings = sorted((k, v) for k, v in vars(module).items()
@@ -215,24 +233,55 @@ def network_signature(family: str, model: dict) -> list:
     return signature
 
 
-def test_model_key_tables_match_the_networks_built() -> None:
-    """BACKBONE_KEYS / FAMILY_KEYS: changing a key changes the network exactly when the table says it is read."""
+def test_key_tables_cover_every_model_and_loss_key() -> None:
     import typing
 
-    from kpnet.config import BACKBONE_KEYS, FAMILY_KEYS, MASK_FAMILIES, Backbone, Family, ModelConfig
+    from kpnet.config import BACKBONE_KEYS, FAMILY_KEYS, Backbone, Family, LossConfig, ModelConfig
 
-    assert set(CHANGED) == {f.name for f in dataclasses.fields(ModelConfig)} - {"backbone", "num_classes"}
+    fields = {f"model.{f.name}" for f in dataclasses.fields(ModelConfig)}
+    fields |= {f"loss.{f.name}" for f in dataclasses.fields(LossConfig)}
+    assert set(CHANGED) == fields - READ_BY_ALL
     assert set(BACKBONE_KEYS) == set(typing.get_args(Backbone)) and set(FAMILY_KEYS) == set(typing.get_args(Family))
+
+
+def test_model_key_tables_match_the_networks_built() -> None:
+    """BACKBONE_KEYS / FAMILY_KEYS: changing a model key changes the network exactly when the tables say it is read."""
+    from kpnet.config import BACKBONE_KEYS, FAMILY_KEYS, MASK_FAMILIES
+
+    model_keys = {k for k in CHANGED if k.startswith("model.")}
     for backbone in BACKBONE_KEYS:
-        base = network_signature("centernet_points", {"backbone": backbone})
-        for key in set(CHANGED) - {"mask", *FAMILY_KEYS["centernet_points"]}:
-            changed = network_signature("centernet_points", {"backbone": backbone, key: CHANGED[key]})
+        base = network_signature("centernet_points", {"model.backbone": backbone})
+        for key in model_keys - {"model.mask", *FAMILY_KEYS["centernet_points"]}:
+            changed = network_signature("centernet_points", {"model.backbone": backbone, key: CHANGED[key]})
             assert (changed != base) == (key in BACKBONE_KEYS[backbone]), (backbone, key)
-    small = {"backbone": "hourglass_small", "stacks": 1}
     for family in FAMILY_KEYS:
-        base = network_signature(family, small)
-        for key in set(CHANGED) - set(BACKBONE_KEYS["hourglass_small"]):
-            if key == "mask" and family not in MASK_FAMILIES:
+        base = network_signature(family, SMALL)
+        for key in model_keys - set(SMALL):
+            if key == "model.mask" and family not in MASK_FAMILIES:
                 continue  # refused by the schema itself (tests/test_masks.py)
-            changed = network_signature(family, {**small, key: CHANGED[key]})
+            changed = network_signature(family, {**SMALL, key: CHANGED[key]})
             assert (changed != base) == (key in FAMILY_KEYS[family]), (family, key)
+
+
+def test_loss_key_table_matches_the_losses_computed() -> None:
+    """FAMILY_KEYS: changing a loss weight changes the family's training loss exactly when the table says it is read
+    (the same network, outputs and targets: two objects, so every term, the push between them too, is non-zero)."""
+    import numpy as np
+    import torch
+
+    from kpnet.config import FAMILY_KEYS
+    from kpnet.models import build_detector
+
+    boxes, classes = np.array([[4.0, 6.0, 24.0, 26.0], [8.0, 16.0, 30.0, 30.0]], np.float32), np.array([0, 2])
+    joints = np.concatenate([np.random.default_rng(0).uniform(8, 24, (2, 17, 2)), np.full((2, 17, 1), 2.0)], 2)
+    for family in FAMILY_KEYS:
+        torch.manual_seed(0)
+        detector = build_detector(small_recipe(family, SMALL))
+        extra = {"keypoints": joints.astype(np.float32)} if family == "centernet_pose" else {}
+        target = detector.target_renderer()(boxes, classes, out_hw=(32, 32), **extra)
+        targets = {k: torch.from_numpy(v)[None] for k, v in target.items()}
+        outputs = detector.network.train()(torch.randn(1, 3, 128, 128))
+        base = detector.loss(outputs, targets)["loss"].item()
+        for key in (k for k in CHANGED if k.startswith("loss.")):
+            changed = type(detector)(small_recipe(family, {**SMALL, key: CHANGED[key]}), detector.network)
+            assert (changed.loss(outputs, targets)["loss"].item() != base) == (key in FAMILY_KEYS[family]), (family, key)
