@@ -183,8 +183,8 @@ from kpnet.config import load_recipe
 from kpnet.engine.inference import predict_files
 from kpnet.models import build_detector
 torch.set_num_threads(1)
-sets = [*TINY_QUICKSTART, "model.num_classes=1",
-        "test.input_size=128"]
+sets = ["model.hg_dims=[16,16,16,16,16]", "model.hg_stem=8", "model.hg_cnv=16", "model.head_conv=16",
+        "model.num_classes=1", "test.input_size=128"]
 detector = build_detector(load_recipe(sys.argv[1], sets))
 list(predict_files(detector, [Path(sys.argv[3])]))  # warm up on a small image
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
