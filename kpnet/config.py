@@ -232,7 +232,9 @@ _SPECIFIC_KEYS = frozenset(k for table in (BACKBONE_KEYS, FAMILY_KEYS) for keys 
 def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> Recipe:
     """Load a recipe YAML (following `extends:`), apply `key=value` overrides, validate, freeze."""
     path = Path(path)
-    raw = _read_with_extends(path, seen=(), root=path.resolve().parent)
+    own = _read_yaml(path)  # the file's own keys (checked below): those it inherits through `extends:` it cannot unset
+    own_keys = [f"{section}.{key}" for section, keys in own.items() if isinstance(keys, dict) for key in keys]
+    raw = _read_with_extends(path, seen=(), root=path.resolve().parent, data=own)
     items: list[tuple[str, Any]] = []
     if overrides:
         items = list(overrides.items()) if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
@@ -240,9 +242,7 @@ def load_recipe(path: str | Path, overrides: list[str] | dict[str, Any] | None =
             _set_dotted(raw, key, value, source="--set")
     raw.setdefault("source", str(path))
     recipe = recipe_from_dict(raw, source=str(path))
-    own = _read_yaml(path)  # the file's own keys: those it inherits through `extends:` it cannot unset
-    _check_keys_read(recipe, [f"{section}.{key}" for section, keys in own.items() if isinstance(keys, dict)
-                              for key in keys], str(path))
+    _check_keys_read(recipe, own_keys, str(path))
     _check_keys_read(recipe, [key for key, _ in items], "--set")
     return recipe
 
@@ -301,12 +301,14 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _read_with_extends(path: Path, seen: tuple[Path, ...], root: Path) -> dict[str, Any]:
-    """A recipe merged over the chain it extends, each under `root` (the first one's folder) or kpnet's recipes/."""
+def _read_with_extends(path: Path, seen: tuple[Path, ...], root: Path, data: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
+    """A recipe merged over the chain it extends, each under `root` (the first one's folder) or kpnet's recipes/;
+    `data`: the file's content when already read."""
     resolved = path.resolve()
     if resolved in seen:
         raise KpnetError(path, "recipe `extends:` cycle")
-    data = _read_yaml(path)
+    data = _read_yaml(path) if data is None else data
     parent = data.pop("extends", None)
     if parent is None:
         return data

@@ -19,7 +19,7 @@ import itertools
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -29,9 +29,9 @@ from kpnet.data.validate import coco_index, is_int, is_number
 from kpnet.errors import KpnetError
 
 Backend = Literal["auto", "kpnet", "pycocotools", "faster"]
-BACKENDS: tuple[str, ...] = ("auto", "kpnet", "pycocotools", "faster")
+BACKENDS: tuple[str, ...] = get_args(Backend)
 IouType = Literal["bbox", "segm", "keypoints"]
-IOU_TYPES: tuple[str, ...] = ("bbox", "segm", "keypoints")
+IOU_TYPES: tuple[str, ...] = get_args(IouType)
 
 BBOX_KEYS: tuple[str, ...] = (
     "AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl",
